@@ -1,0 +1,214 @@
+//! `fd mount` and `fd umount`: an image's root file system on a directory, read-only, with
+//! file contents fetched on first read (the work is in `fd-lazyfs`).
+//!
+//! `fd mount` stays in the foreground until Ctrl-C, SIGTERM or `fd umount`, then unmounts and
+//! saves the image's prefetch profile. With `--from OTHER_FD_HOME`, another store on this
+//! machine is a chunk source; an image only that store has is brought over as metadata alone
+//! (image row, manifest, config, file index), so mounting needs nothing else up front.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow};
+use clap::{Args, ValueEnum};
+use fd_lazyfs::{MountOptions, Prefetch};
+use fd_node::fetch::{ChunkSource, FetchPolicy, Fetcher, StoreSource};
+use fd_node::{ImageRecord, Store};
+
+use crate::{images, output};
+
+#[derive(Debug, Args)]
+pub(crate) struct MountArgs {
+    /// Image reference or digest prefix.
+    reference: String,
+    /// Existing directory to mount on.
+    dir: PathBuf,
+    /// What to fetch in the background: the chunks the image's earlier mounts read first
+    /// (its prefetch profile), everything (profile first), or nothing.
+    #[arg(long, value_enum, default_value_t = PrefetchArg::Profile)]
+    prefetch: PrefetchArg,
+    /// Another fd store (an FD_HOME directory) to take chunks from, and the image's metadata
+    /// when this store lacks the image. Repeat to add more; they are asked in order.
+    #[arg(long = "from", value_name = "FD_HOME")]
+    from: Vec<PathBuf>,
+    /// Let other users read the mount (a container in a user namespace needs this).
+    #[arg(long)]
+    allow_other: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum PrefetchArg {
+    Profile,
+    All,
+    None,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct UmountArgs {
+    /// Directory an `fd mount` is mounted on.
+    dir: PathBuf,
+}
+
+pub(crate) fn run(args: MountArgs) -> Result<()> {
+    // Before any thread starts, so every thread inherits the mask and Ctrl-C reaches the
+    // wait below instead of killing the process with the mount still up.
+    fd_lazyfs::block_stop_signals()?;
+
+    let store = Arc::new(Store::open_default().context("opening the store")?);
+    let mut sources: Vec<Arc<StoreSource>> = Vec::new();
+    for dir in &args.from {
+        let source = StoreSource::open(dir)
+            .with_context(|| format!("--from {}: not a usable fd store", dir.display()))?;
+        sources.push(Arc::new(source));
+    }
+    let image = resolve(&store, &sources, &args.reference)?;
+
+    let sources: Vec<Arc<dyn ChunkSource>> =
+        sources.into_iter().map(|s| s as Arc<dyn ChunkSource>).collect();
+    let fetcher = Arc::new(Fetcher::new(store.clone(), sources, FetchPolicy::from_env()));
+    let options = MountOptions {
+        prefetch: match args.prefetch {
+            PrefetchArg::Profile => Prefetch::Profile,
+            PrefetchArg::All => Prefetch::All,
+            PrefetchArg::None => Prefetch::None,
+        },
+        allow_other: args.allow_other,
+        ..MountOptions::default()
+    };
+    let mounted = fd_lazyfs::mount(fetcher, &image, &args.dir, &options)
+        .with_context(|| format!("mounting {} at {}", image.reference, args.dir.display()))?;
+    let background = match (options.prefetch, mounted.has_profile()) {
+        (Prefetch::All, _) => ", prefetching all",
+        (Prefetch::Profile, true) => ", prefetching its profile",
+        _ => "",
+    };
+    output::status(
+        "Mounted",
+        format_args!(
+            "{} at {} ({} paths, contents on demand{background})",
+            image.reference,
+            mounted.mountpoint().display(),
+            thousands(mounted.paths() as u64),
+        ),
+    );
+
+    loop {
+        if fd_lazyfs::wait_for_stop_signal(Duration::from_millis(200)).is_some() {
+            break;
+        }
+        if !mounted.is_alive() {
+            // Someone unmounted the directory (`fd umount`, `umount`).
+            break;
+        }
+    }
+    let mountpoint = mounted.mountpoint().to_path_buf();
+    let report = mounted.unmount().context("unmounting")?;
+    let profile = if report.profile.is_some() { ", profile saved" } else { "" };
+    output::status(
+        "Unmounted",
+        format_args!(
+            "{}{}: {} files read, {} chunks fetched ({}){profile}",
+            mountpoint.display(),
+            if report.lazy { " (lazily: files were still open)" } else { "" },
+            report.files_read,
+            report.fetch.fetched,
+            output::bytes(report.fetch.fetched_bytes),
+        ),
+    );
+    if report.failed_reads > 0 {
+        output::warn(format_args!(
+            "{} reads failed because chunks could not be fetched (see the warnings above)",
+            report.failed_reads
+        ));
+    }
+    Ok(())
+}
+
+pub(crate) fn umount(args: UmountArgs) -> Result<()> {
+    let root = fd_node::paths::fd_home();
+    let outcome = fd_lazyfs::unmount_dir(&root, &args.dir)?;
+    let mut note = String::new();
+    if outcome.lazy {
+        note.push_str(" (detached: files are still open)");
+    }
+    if let Some((pid, false)) = outcome.stopped {
+        note.push_str(&format!(" (process {pid} has not exited yet)"));
+    }
+    output::status("Unmounted", format_args!("{}{note}", outcome.mountpoint.display()));
+    Ok(())
+}
+
+/// The image to mount: from this store, or else from the first `--from` store that has it,
+/// bringing its metadata over.
+fn resolve(store: &Store, sources: &[Arc<StoreSource>], reference: &str) -> Result<ImageRecord> {
+    let local_err = match images::find(store, reference) {
+        Ok(image) => return Ok(image),
+        Err(e) => e,
+    };
+    for source in sources {
+        if let Ok(image) = images::find(source.store(), reference) {
+            copy_metadata(source.store(), store, &image).with_context(|| {
+                format!("copying the metadata of {} from {}", image.reference, source.store().root().display())
+            })?;
+            return Ok(image);
+        }
+    }
+    if sources.is_empty() {
+        Err(local_err)
+    } else {
+        Err(anyhow!("{local_err:#}; no --from store has it either"))
+    }
+}
+
+/// Copies what mounting needs and nothing more: the manifest, config (and image index) blobs
+/// and the merged file index, then the image row. Layer blobs stay behind; file contents come
+/// chunk by chunk from the other store when read.
+fn copy_metadata(from: &Store, to: &Store, image: &ImageRecord) -> Result<()> {
+    // The writer lock keeps a concurrent gc from removing these blobs before the image row
+    // that makes them live exists.
+    let _lock = to.writer_lock()?;
+    let keys = [Some(&image.manifest_digest), Some(&image.config_digest), image.index_digest.as_ref()]
+        .into_iter()
+        .flatten()
+        .chain([&image.file_index]);
+    for key in keys {
+        if to.has_blob(key)? {
+            continue;
+        }
+        // read_blob checks the bytes against the key (sha256 or blake3) before we copy them.
+        let bytes = from.read_blob(key)?;
+        let (_, media_type) = from.blob(key)?.with_context(|| format!("blob {key} vanished"))?;
+        to.put_blob_from_reader(key, &media_type, bytes.as_slice())?;
+    }
+    // The blobs must be durable before the row that makes the image visible.
+    to.sync()?;
+    to.put_image(image)?;
+    Ok(())
+}
+
+/// 12345 → "12,345".
+fn thousands(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::thousands;
+
+    #[test]
+    fn thousands_separators() {
+        assert_eq!(thousands(0), "0");
+        assert_eq!(thousands(999), "999");
+        assert_eq!(thousands(1000), "1,000");
+        assert_eq!(thousands(12_345_678), "12,345,678");
+    }
+}

@@ -1,0 +1,102 @@
+//! What the user sees: short colored status lines on stderr (uv-style), progress bars for long
+//! work, and errors with their causes. Machine-readable output (tables, JSON) goes to stdout.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use console::style;
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+/// Sends `tracing` logs to stderr. `FD_LOG` takes an env-filter string; `-v` raises the level.
+pub(crate) fn init_logging(verbose: u8) {
+    let default = match verbose {
+        0 => "warn",
+        1 => "info",
+        2 => "debug",
+        _ => "trace",
+    };
+    let filter = std::env::var("FD_LOG").unwrap_or_else(|_| default.to_string());
+    let filter = tracing_subscriber::EnvFilter::try_new(&filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .compact()
+        .init();
+}
+
+static QUIET: AtomicBool = AtomicBool::new(false);
+
+pub(crate) fn set_quiet(quiet: bool) {
+    QUIET.store(quiet, Ordering::Relaxed);
+}
+
+fn quiet() -> bool {
+    QUIET.load(Ordering::Relaxed)
+}
+
+/// A status line: a bold verb, then the message (`Pulled busybox:latest in 1.2s`).
+pub(crate) fn status(verb: &str, message: impl std::fmt::Display) {
+    if quiet() {
+        return;
+    }
+    eprintln!("{} {message}", style(verb).green().bold());
+}
+
+/// A warning the user should read.
+pub(crate) fn warn(message: impl std::fmt::Display) {
+    eprintln!("{} {message}", style("warning:").yellow().bold());
+}
+
+/// Prints an error and its chain of causes.
+pub(crate) fn error(err: &anyhow::Error) {
+    eprintln!("{} {err}", style("error:").red().bold());
+    for cause in err.chain().skip(1) {
+        eprintln!("  {} {cause}", style("caused by:").dim());
+    }
+}
+
+pub(crate) fn bytes(n: u64) -> String {
+    indicatif::BinaryBytes(n).to_string()
+}
+
+pub(crate) fn duration(d: Duration) -> String {
+    if d < Duration::from_secs(1) {
+        format!("{}ms", d.as_millis())
+    } else {
+        format!("{:.1}s", d.as_secs_f64())
+    }
+}
+
+/// Short form of a digest for tables: the first 12 hex digits.
+pub(crate) fn short_digest(digest: &str) -> &str {
+    let hex = digest.split_once(':').map_or(digest, |(_, h)| h);
+    &hex[..hex.len().min(12)]
+}
+
+/// Progress bars for a set of downloads. Hidden when stderr is not a terminal.
+pub(crate) struct Progress {
+    multi: MultiProgress,
+}
+
+impl Progress {
+    pub(crate) fn new() -> Progress {
+        let target = if quiet() { ProgressDrawTarget::hidden() } else { ProgressDrawTarget::stderr() };
+        let multi = MultiProgress::with_draw_target(target);
+        Progress { multi }
+    }
+
+    pub(crate) fn download(&self, name: &str, total: u64) -> ProgressBar {
+        let bar = self.multi.add(ProgressBar::new(total));
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{prefix:>14.dim} {bar:30.green/dim} {binary_bytes:>10}/{binary_total_bytes:<10} {msg}",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("━━╌"),
+        );
+        bar.set_prefix(name.to_string());
+        bar
+    }
+}

@@ -1,0 +1,237 @@
+//! `fd pull`: resolve a reference at its registry and bring the image into the store.
+//!
+//! Layers download in parallel into the store's `downloads/` folder (so an interrupted pull
+//! resumes where it stopped), then each is checked, chunked into the blob view and unpacked
+//! into the file view on a blocking thread while other layers still download. A per-blob lock
+//! makes parallel pulls of one image (in separate processes) fetch each blob once.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use fd_gateway::{BlobDesc, ClientOptions, ImageRef, Platform, RegistryClient};
+use fd_node::{Compression, ImageImport, ImageMeta, ImageRecord, Store};
+use futures::{StreamExt, TryStreamExt};
+
+use crate::output;
+
+/// Layers fetched at once: enough to fill a LAN link, few enough not to thrash 2-core machines
+/// that unpack what they fetch.
+const PARALLEL_LAYERS: usize = 4;
+
+#[derive(Debug, Args)]
+pub(crate) struct PullArgs {
+    /// Image reference, e.g. `127.0.0.1:5000/debian-python:bookworm` or `REPO@sha256:…`.
+    pub(crate) reference: String,
+    #[command(flatten)]
+    pub(crate) registry: RegistryArgs,
+}
+
+/// Options for commands that talk to registries.
+#[derive(Debug, Clone, Args)]
+pub(crate) struct RegistryArgs {
+    /// Platform to choose from a multi-platform image, as OS/ARCH[/VARIANT] (default: this host).
+    #[arg(long)]
+    pub(crate) platform: Option<String>,
+    /// Allow plain HTTP to this registry (HOST or HOST:PORT). Loopback registries always are.
+    #[arg(long = "insecure-registry", value_name = "HOST")]
+    pub(crate) insecure_registries: Vec<String>,
+}
+
+impl RegistryArgs {
+    pub(crate) fn client(&self) -> Result<RegistryClient> {
+        let platform = self
+            .platform
+            .as_deref()
+            .map(Platform::parse)
+            .transpose()
+            .context("--platform takes OS/ARCH[/VARIANT], e.g. linux/amd64")?;
+        let opts = ClientOptions {
+            insecure_registries: self.insecure_registries.clone(),
+            platform,
+            auth_files: None,
+            plain_http_only: false,
+        };
+        Ok(RegistryClient::new(opts)?)
+    }
+}
+
+pub(crate) fn run(args: PullArgs) -> Result<()> {
+    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    let store = Arc::new(Store::open_default().context("opening the store")?);
+    runtime.block_on(async {
+        let reference = ImageRef::parse(&args.reference)?;
+        let client = args.registry.client()?;
+        pull(&store, &client, &reference).await.map(|_| ())
+    })
+}
+
+/// What a pull fetched, for the summary line.
+#[derive(Debug, Default)]
+pub(crate) struct PullStats {
+    pub(crate) from_registry: AtomicU64,
+}
+
+/// Pulls `reference` into `store` and returns the committed image.
+pub(crate) async fn pull(
+    store: &Arc<Store>,
+    client: &RegistryClient,
+    reference: &ImageRef,
+) -> Result<ImageRecord> {
+    let started = Instant::now();
+    let name = reference.to_string();
+    let resolved = client
+        .resolve(reference)
+        .await
+        .with_context(|| format!("resolving {name}"))?;
+    let stats = Arc::new(PullStats::default());
+
+    // Already complete and current: nothing to do.
+    if let Some(img) = store.image(&name)?
+        && img.manifest_digest == resolved.manifest.digest
+        && is_complete(store, &img)?
+    {
+        output::status("Up to date", format_args!("{name} ({})", output::short_digest(&img.manifest_digest)));
+        return Ok(img);
+    }
+
+    let import = {
+        let store = store.clone();
+        tokio::task::spawn_blocking(move || ImageImport::begin(store)).await??
+    };
+
+    // Config first: it carries the diff ids that check each unpacked layer.
+    let config = client
+        .fetch_small_blob(&resolved.reference, &resolved.config)
+        .await
+        .with_context(|| format!("fetching config {}", resolved.config.digest))?;
+    stats.from_registry.fetch_add(config.len() as u64, Ordering::Relaxed);
+    let diff_ids = diff_ids(&config, resolved.layers.len())?;
+    import.put_verified_bytes(&resolved.config.digest, &resolved.config.media_type, &config)?;
+
+    // Layers: download and unpack in parallel.
+    let progress = output::Progress::new();
+    futures::stream::iter(resolved.layers.iter().zip(diff_ids.iter()))
+        .map(|(desc, diff_id)| {
+            let bar = progress.download(output::short_digest(&desc.digest), desc.size);
+            fetch_layer(client, &resolved.reference, &import, desc, diff_id, bar, &stats)
+        })
+        .buffer_unordered(PARALLEL_LAYERS)
+        .try_collect::<Vec<()>>()
+        .await?;
+
+    // Manifest documents last: storing them byte for byte lets the store answer as a registry.
+    for doc in resolved.index.iter().chain(std::iter::once(&resolved.manifest)) {
+        import.put_verified_bytes(&doc.digest, &doc.media_type, &doc.bytes)?;
+        stats.from_registry.fetch_add(doc.bytes.len() as u64, Ordering::Relaxed);
+    }
+    let meta = ImageMeta {
+        reference: name.clone(),
+        manifest_digest: resolved.manifest.digest.clone(),
+        index_digest: resolved.index.as_ref().map(|i| i.digest.clone()),
+        config_digest: resolved.config.digest.clone(),
+        layers: resolved.layers.iter().map(|l| l.digest.clone()).collect(),
+        blob_size: resolved.layers.iter().map(|l| l.size).sum(),
+    };
+    let record = tokio::task::spawn_blocking(move || import.commit(meta)).await??;
+    output::status(
+        "Pulled",
+        format_args!(
+            "{name} in {}: {} from registry, 0 B from peers",
+            output::duration(started.elapsed()),
+            output::bytes(stats.from_registry.load(Ordering::Relaxed)),
+        ),
+    );
+    Ok(record)
+}
+
+/// Fetches one layer (unless the store has it) and builds both of its views.
+async fn fetch_layer(
+    client: &RegistryClient,
+    reference: &ImageRef,
+    import: &ImageImport,
+    desc: &BlobDesc,
+    diff_id: &str,
+    bar: indicatif::ProgressBar,
+    stats: &PullStats,
+) -> Result<()> {
+    let compression = compression(&desc.media_type)?;
+    let store = import.store();
+
+    // One process at a time per blob; whoever comes second finds it stored.
+    let lock = match store.try_blob_lock(&desc.digest)? {
+        Some(lock) => lock,
+        None => {
+            bar.set_message("waiting for another fd process");
+            let (import, digest) = (import.clone(), desc.digest.clone());
+            tokio::task::spawn_blocking(move || import.store().blob_lock(&digest)).await??
+        }
+    };
+    if import.has_layer(&desc.digest)? {
+        bar.finish_with_message("already stored");
+        return Ok(());
+    }
+
+    let path = store.download_path(&desc.digest);
+    let on_progress = {
+        let bar = bar.clone();
+        move |n: u64| bar.set_position(n)
+    };
+    let fetched = client
+        .fetch_blob(reference, desc, &path, &on_progress)
+        .await
+        .with_context(|| format!("downloading layer {}", desc.digest))?;
+    stats.from_registry.fetch_add(fetched.bytes_downloaded, Ordering::Relaxed);
+    bar.set_message("unpacking");
+
+    let (import, desc, diff_id) = (import.clone(), desc.clone(), diff_id.to_string());
+    tokio::task::spawn_blocking(move || -> Result<()> {
+        import.put_blob_file(&desc.digest, desc.size, &desc.media_type, &path)?;
+        let file = fs_err::File::open(&path)?;
+        import.ingest_layer(&desc.digest, compression, std::io::BufReader::new(file), Some(&diff_id))?;
+        fs_err::remove_file(&path)?;
+        drop(lock);
+        Ok(())
+    })
+    .await??;
+    bar.finish_with_message("done");
+    Ok(())
+}
+
+/// True when every blob and index an image row names is present.
+fn is_complete(store: &Store, img: &ImageRecord) -> Result<bool> {
+    let mut keys = vec![&img.manifest_digest, &img.config_digest, &img.file_index];
+    keys.extend(img.layers.iter());
+    for key in keys {
+        if !store.has_blob(key)? {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+/// Maps a layer media type to the compression the ingest must undo.
+pub(crate) fn compression(media_type: &str) -> Result<Compression> {
+    Ok(match fd_gateway::layer_compression(media_type)? {
+        fd_gateway::Compression::None => Compression::None,
+        fd_gateway::Compression::Gzip => Compression::Gzip,
+        fd_gateway::Compression::Zstd => Compression::Zstd,
+    })
+}
+
+/// The config's `rootfs.diff_ids`, which must match the layers one to one.
+pub(crate) fn diff_ids(config: &[u8], layers: usize) -> Result<Vec<String>> {
+    let value: serde_json::Value =
+        serde_json::from_slice(config).context("image config is not valid JSON")?;
+    let ids: Vec<String> = value
+        .pointer("/rootfs/diff_ids")
+        .and_then(|v| v.as_array())
+        .map(|a| a.iter().filter_map(|d| d.as_str().map(str::to_string)).collect())
+        .unwrap_or_default();
+    if ids.len() != layers {
+        bail!("image config lists {} diff_ids for {layers} layers; the image is malformed", ids.len());
+    }
+    Ok(ids)
+}

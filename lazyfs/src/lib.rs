@@ -1,0 +1,91 @@
+//! lazyfs: an image's root file system, read-only over FUSE, usable as soon as its file index
+//! is local. File contents arrive chunk by chunk on first read.
+//!
+//! This crate owns everything between the kernel and the store for a mounted image:
+//!
+//! - [`tree`](crate::tree): inode numbers, directory structure and `stat` attributes from the
+//!   merged file index, and the mapping of a byte range onto chunks;
+//! - the FUSE file system (fuser) that answers lookups, attributes, listings, symlinks and
+//!   extended attributes from memory, and reads from chunk files or through the
+//!   [`Fetcher`](fd_node::fetch::Fetcher) (the fetch policy itself lives in `fd-node`);
+//! - prefetch profiles ([`profile`]): the order in which a mount first read its files, saved at
+//!   unmount and replayed in the background at the next mount;
+//! - the mount life cycle ([`mount()`], [`Mounted`]) and mount records ([`records`]) that let
+//!   any fd process unmount a mount and clean up after a killed one
+//!   ([`clean_stale_mounts`]).
+//!
+//! What a path looks like through lazyfs is what `umoci unpack` writes to disk: type, mode
+//! (with setuid, setgid and sticky bits), owner, size, modification time with nanoseconds,
+//! symlink target, device numbers, extended attributes byte for byte, hardlinks as one inode
+//! with the right link count, and directory link counts of 2 + subdirectories.
+//!
+//! # Ownership in rootless mode (not implemented yet)
+//!
+//! Mounted by an unprivileged user for a container in a user namespace, the image's owners
+//! must appear shifted into the user's subordinate id range, as a rootless unpack would chown
+//! them. The plan: [`MountOptions`] takes the uid and gid maps of the container (the
+//! `/etc/subuid` ranges); `Tree::attr` maps each stored uid/gid through them when building
+//! `stat` attributes (an id outside every range shows as the overflow id 65534, as the kernel
+//! does); `security.capability` xattrs of version 3 carry a root uid that is shifted the same
+//! way. The index itself stays unshifted, so one store serves root and rootless mounts. The
+//! mount then needs `allow_other` so the namespace's ids can read it.
+
+mod fs;
+pub mod mount;
+pub mod profile;
+pub mod records;
+mod tree;
+
+use std::path::PathBuf;
+
+pub use mount::{
+    MountOptions, Mounted, UnmountReport, block_stop_signals, mount, wait_for_stop_signal,
+};
+pub use profile::{PROFILE_MEDIA_TYPE, Prefetch, Profile, load_profile, save_profile};
+pub use records::{
+    MountRecord, UnmountOutcome, clean_stale_mounts, clean_stale_mounts_default, is_fd_mount,
+    read_records, unmount_dir,
+};
+
+/// Shorthand for results in this crate.
+pub type Result<T, E = LazyError> = std::result::Result<T, E>;
+
+/// Everything that can go wrong mounting, serving or unmounting an image.
+#[derive(Debug, thiserror::Error)]
+pub enum LazyError {
+    /// The store failed (missing index, database, fetch).
+    #[error(transparent)]
+    Node(#[from] fd_node::NodeError),
+
+    /// A file-system operation failed; `what` says which and on what path.
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// The kernel refused the mount.
+    #[error("cannot mount at {path}: {source} (FUSE needs /dev/fuse, and root or fusermount3)")]
+    Mount {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// The file index cannot be presented as a tree.
+    #[error("file index cannot be mounted: {reason}")]
+    BadIndex { reason: String },
+
+    /// A stored prefetch profile cannot be read.
+    #[error("prefetch profile {key}: {reason}")]
+    BadProfile { key: String, reason: String },
+
+    /// Nothing of fd's is mounted at the path.
+    #[error("{path} is not an fd mount (see `grep fuse.fd /proc/self/mounts`)")]
+    NotMounted { path: PathBuf },
+
+    /// Something else is mounted at the path.
+    #[error("{path} is a {fstype} mount, not an fd mount; use umount")]
+    NotFdMount { path: PathBuf, fstype: String },
+}
