@@ -63,8 +63,17 @@ pub(crate) fn list(args: ImagesArgs) -> Result<()> {
         writeln!(out)?;
         return Ok(());
     }
-    let width = images.iter().map(|i| i.reference.len()).max().unwrap_or(0).max(3);
-    writeln!(out, "{:width$}  {:12}  {:>10}  {:>7}  PULLED", "REF", "DIGEST", "SIZE", "CHUNKS")?;
+    let width = images
+        .iter()
+        .map(|i| i.reference.len())
+        .max()
+        .unwrap_or(0)
+        .max(3);
+    writeln!(
+        out,
+        "{:width$}  {:12}  {:>10}  {:>7}  PULLED",
+        "REF", "DIGEST", "SIZE", "CHUNKS"
+    )?;
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
@@ -121,7 +130,8 @@ pub(crate) fn inspect(args: InspectArgs) -> Result<()> {
         return Ok(());
     }
 
-    let manifest: serde_json::Value = serde_json::from_slice(&store.read_blob(&img.manifest_digest)?)?;
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&store.read_blob(&img.manifest_digest)?)?;
     let config: serde_json::Value = serde_json::from_slice(&store.read_blob(&img.config_digest)?)?;
     let mut layers = Vec::new();
     for digest in &img.layers {
@@ -138,11 +148,20 @@ pub(crate) fn inspect(args: InspectArgs) -> Result<()> {
 
     // Chunk statistics: how much the file view stores once that it uses several times, and
     // how much of it other images share.
-    let logical: u64 = index.entries.iter().flat_map(|e| &e.chunks).map(|c| u64::from(c.len)).sum();
+    let logical: u64 = index
+        .entries
+        .iter()
+        .flat_map(|e| &e.chunks)
+        .map(|c| u64::from(c.len))
+        .sum();
     let distinct = index.distinct_chunks();
     let stored: u64 = distinct.iter().map(|c| u64::from(c.len)).sum();
     let mut others: HashSet<fd_node::store::ChunkRef> = HashSet::new();
-    for other in store.images()?.iter().filter(|o| o.file_index != img.file_index) {
+    for other in store
+        .images()?
+        .iter()
+        .filter(|o| o.file_index != img.file_index)
+    {
         others.extend(load_file_index(&store, other)?.distinct_chunks());
     }
     let shared: Vec<_> = distinct.iter().filter(|c| others.contains(c)).collect();
@@ -177,7 +196,14 @@ pub(crate) fn rmi(args: RmiArgs) -> Result<()> {
     for query in &args.references {
         let img = find(&store, query)?;
         store.remove_image(&img.reference)?;
-        output::status("Removed", format_args!("{} ({})", img.reference, output::short_digest(&img.manifest_digest)));
+        output::status(
+            "Removed",
+            format_args!(
+                "{} ({})",
+                img.reference,
+                output::short_digest(&img.manifest_digest)
+            ),
+        );
     }
     Ok(())
 }
@@ -188,10 +214,15 @@ pub(crate) fn gc(args: GcArgs) -> Result<()> {
     let report = match fd_node::gc::collect(&store, false)? {
         Some(report) => report,
         None if args.no_wait => {
-            anyhow::bail!("another fd process is writing to the store; run `fd gc` again when it is done")
+            anyhow::bail!(
+                "another fd process is writing to the store; run `fd gc` again when it is done"
+            )
         }
         None => {
-            output::status("Waiting", "for other fd processes to finish writing to the store");
+            output::status(
+                "Waiting",
+                "for other fd processes to finish writing to the store",
+            );
             fd_node::gc::collect(&store, true)?.context("could not lock the store")?
         }
     };

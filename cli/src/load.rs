@@ -67,7 +67,14 @@ pub(crate) fn run(args: LoadArgs) -> Result<()> {
     for reference in &loaded {
         output::status("Loaded", reference);
     }
-    output::status("Finished", format_args!("{} image(s) in {}", loaded.len(), output::duration(started.elapsed())));
+    output::status(
+        "Finished",
+        format_args!(
+            "{} image(s) in {}",
+            loaded.len(),
+            output::duration(started.elapsed())
+        ),
+    );
     Ok(())
 }
 
@@ -83,7 +90,13 @@ fn sanitize_name(s: &str) -> String {
     let s: String = s
         .to_ascii_lowercase()
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.' { c } else { '-' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.' {
+                c
+            } else {
+                '-'
+            }
+        })
         .collect();
     if s.is_empty() { "image".into() } else { s }
 }
@@ -103,7 +116,12 @@ fn blob_path(root: &Path, digest: &str) -> Result<PathBuf> {
     Ok(root.join("blobs/sha256").join(hex))
 }
 
-fn load_oci_layout(store: &Arc<Store>, root: &Path, stem: &str, name: Option<&str>) -> Result<Vec<String>> {
+fn load_oci_layout(
+    store: &Arc<Store>,
+    root: &Path,
+    stem: &str,
+    name: Option<&str>,
+) -> Result<Vec<String>> {
     let index = read_json(&root.join("index.json"))?;
     let descriptors = index["manifests"].as_array().cloned().unwrap_or_default();
     if descriptors.is_empty() {
@@ -111,22 +129,34 @@ fn load_oci_layout(store: &Arc<Store>, root: &Path, stem: &str, name: Option<&st
     }
     let mut loaded = Vec::new();
     for desc in &descriptors {
-        let digest = desc["digest"].as_str().context("index.json entry without a digest")?;
+        let digest = desc["digest"]
+            .as_str()
+            .context("index.json entry without a digest")?;
         let media_type = desc["mediaType"].as_str().unwrap_or_default();
         let annotation = desc["annotations"]["org.opencontainers.image.ref.name"].as_str();
         let reference = match (name, annotation) {
             (Some(n), _) => fd_gateway::ImageRef::parse(n)?.to_string(),
             (None, Some(a)) if a.contains('/') => fd_gateway::ImageRef::parse(a)?.to_string(),
-            (None, Some(tag)) => fd_gateway::ImageRef::parse(&format!("localhost/{stem}:{tag}"))?.to_string(),
+            (None, Some(tag)) => {
+                fd_gateway::ImageRef::parse(&format!("localhost/{stem}:{tag}"))?.to_string()
+            }
             (None, None) => format!("localhost/{stem}@{digest}"),
         };
-        let (index_digest, manifest_digest, manifest_type) = if media_type.contains("index") || media_type.contains("manifest.list") {
-            let (m, t) = choose_platform(root, digest)?;
-            (Some((digest.to_string(), media_type.to_string())), m, t)
-        } else {
-            (None, digest.to_string(), media_type.to_string())
-        };
-        import_manifest(store, root, &reference, index_digest, &manifest_digest, &manifest_type)?;
+        let (index_digest, manifest_digest, manifest_type) =
+            if media_type.contains("index") || media_type.contains("manifest.list") {
+                let (m, t) = choose_platform(root, digest)?;
+                (Some((digest.to_string(), media_type.to_string())), m, t)
+            } else {
+                (None, digest.to_string(), media_type.to_string())
+            };
+        import_manifest(
+            store,
+            root,
+            &reference,
+            index_digest,
+            &manifest_digest,
+            &manifest_type,
+        )?;
         loaded.push(reference);
     }
     Ok(loaded)
@@ -139,11 +169,17 @@ fn choose_platform(root: &Path, index_digest: &str) -> Result<(String, String)> 
     let entries = index["manifests"].as_array().cloned().unwrap_or_default();
     let chosen = entries
         .iter()
-        .find(|m| m["platform"]["os"] == host.os.as_str() && m["platform"]["architecture"] == host.architecture.as_str())
+        .find(|m| {
+            m["platform"]["os"] == host.os.as_str()
+                && m["platform"]["architecture"] == host.architecture.as_str()
+        })
         .or_else(|| entries.first())
         .context("nested index lists no manifests")?;
     Ok((
-        chosen["digest"].as_str().context("manifest without digest")?.to_string(),
+        chosen["digest"]
+            .as_str()
+            .context("manifest without digest")?
+            .to_string(),
         chosen["mediaType"].as_str().unwrap_or_default().to_string(),
     ))
 }
@@ -161,11 +197,17 @@ fn import_manifest(
         import.put_verified_bytes(digest, media_type, &fs_err::read(blob_path(root, digest)?)?)?;
     }
     let manifest_bytes = fs_err::read(blob_path(root, manifest_digest)?)?;
-    let manifest: Value = serde_json::from_slice(&manifest_bytes).context("manifest is not valid JSON")?;
-    let manifest_type = manifest["mediaType"].as_str().unwrap_or(manifest_type).to_string();
+    let manifest: Value =
+        serde_json::from_slice(&manifest_bytes).context("manifest is not valid JSON")?;
+    let manifest_type = manifest["mediaType"]
+        .as_str()
+        .unwrap_or(manifest_type)
+        .to_string();
     import.put_verified_bytes(manifest_digest, &manifest_type, &manifest_bytes)?;
 
-    let config_digest = manifest["config"]["digest"].as_str().context("manifest without config")?;
+    let config_digest = manifest["config"]["digest"]
+        .as_str()
+        .context("manifest without config")?;
     let config_type = manifest["config"]["mediaType"].as_str().unwrap_or_default();
     let config = fs_err::read(blob_path(root, config_digest)?)?;
     import.put_verified_bytes(config_digest, config_type, &config)?;
@@ -182,7 +224,12 @@ fn import_manifest(
             let path = blob_path(root, digest)?;
             import.put_blob_file(digest, size, media_type, &path)?;
             let file = std::io::BufReader::new(fs_err::File::open(&path)?);
-            import.ingest_layer(digest, crate::pull::compression(media_type)?, file, Some(diff_id))?;
+            import.ingest_layer(
+                digest,
+                crate::pull::compression(media_type)?,
+                file,
+                Some(diff_id),
+            )?;
         }
         digests.push(digest.to_string());
         blob_size += size;
@@ -206,14 +253,22 @@ fn load_docker_archive(store: &Arc<Store>, root: &Path, name: Option<&str>) -> R
     }
     let mut loaded = Vec::new();
     for item in &items {
-        let config_path = root.join(safe_rel(item["Config"].as_str().context("manifest.json entry without Config")?)?);
+        let config_path = root.join(safe_rel(
+            item["Config"]
+                .as_str()
+                .context("manifest.json entry without Config")?,
+        )?);
         let config = fs_err::read(&config_path)?;
         let config_digest = format!("sha256:{}", hex::encode(sha2::Sha256::digest(&config)));
         let layer_paths = item["Layers"].as_array().cloned().unwrap_or_default();
         let diff_ids = crate::pull::diff_ids(&config, layer_paths.len())?;
 
         let import = ImageImport::begin(store.clone())?;
-        import.put_verified_bytes(&config_digest, "application/vnd.oci.image.config.v1+json", &config)?;
+        import.put_verified_bytes(
+            &config_digest,
+            "application/vnd.oci.image.config.v1+json",
+            &config,
+        )?;
         let mut layers = Vec::new();
         for (rel, diff_id) in layer_paths.iter().zip(&diff_ids) {
             let path = root.join(safe_rel(rel.as_str().context("non-string layer path")?)?);
@@ -237,10 +292,19 @@ fn load_docker_archive(store: &Arc<Store>, root: &Path, name: Option<&str>) -> R
             "layers": layers,
         });
         let manifest_bytes = serde_json::to_vec(&oci_manifest)?;
-        let manifest_digest = format!("sha256:{}", hex::encode(sha2::Sha256::digest(&manifest_bytes)));
-        import.put_verified_bytes(&manifest_digest, "application/vnd.oci.image.manifest.v1+json", &manifest_bytes)?;
+        let manifest_digest = format!(
+            "sha256:{}",
+            hex::encode(sha2::Sha256::digest(&manifest_bytes))
+        );
+        import.put_verified_bytes(
+            &manifest_digest,
+            "application/vnd.oci.image.manifest.v1+json",
+            &manifest_bytes,
+        )?;
 
-        let tag = name.map(str::to_string).or_else(|| item["RepoTags"][0].as_str().map(str::to_string));
+        let tag = name
+            .map(str::to_string)
+            .or_else(|| item["RepoTags"][0].as_str().map(str::to_string));
         let reference = match tag {
             Some(t) => fd_gateway::ImageRef::parse(&t)?.to_string(),
             None => format!("localhost/loaded@{manifest_digest}"),
@@ -251,7 +315,10 @@ fn load_docker_archive(store: &Arc<Store>, root: &Path, name: Option<&str>) -> R
             manifest_digest,
             index_digest: None,
             config_digest,
-            layers: layers.iter().filter_map(|l| l["digest"].as_str().map(str::to_string)).collect(),
+            layers: layers
+                .iter()
+                .filter_map(|l| l["digest"].as_str().map(str::to_string))
+                .collect(),
             blob_size,
         })?;
         loaded.push(reference);
@@ -262,7 +329,10 @@ fn load_docker_archive(store: &Arc<Store>, root: &Path, name: Option<&str>) -> R
 /// A path inside the archive, refusing absolute paths and `..`.
 fn safe_rel(rel: &str) -> Result<&Path> {
     let p = Path::new(rel);
-    if p.is_absolute() || p.components().any(|c| matches!(c, std::path::Component::ParentDir)) {
+    if p.is_absolute()
+        || p.components()
+            .any(|c| matches!(c, std::path::Component::ParentDir))
+    {
         bail!("archive names a path outside itself: {rel:?}");
     }
     Ok(p)
@@ -293,5 +363,9 @@ fn hash_file(path: &Path) -> Result<(String, u64, Compression)> {
     } else {
         Compression::None
     };
-    Ok((format!("sha256:{}", hex::encode(hasher.finalize())), size, compression))
+    Ok((
+        format!("sha256:{}", hex::encode(hasher.finalize())),
+        size,
+        compression,
+    ))
 }

@@ -19,7 +19,11 @@ use clap::{Parser, Subcommand};
 const EXIT_FAILURE: u8 = 1;
 
 #[derive(Debug, Parser)]
-#[command(name = "fd", version, about = "Containers that start before their image is local")]
+#[command(
+    name = "fd",
+    version,
+    about = "Containers that start before their image is local"
+)]
 struct Cli {
     /// More log output (repeat for more); FD_LOG=debug does the same.
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]

@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context, Result, anyhow};
+use anyhow::{Context, Result, anyhow, bail};
 use clap::{Args, ValueEnum};
 use fd_lazyfs::{MountOptions, Prefetch};
 use fd_node::fetch::{ChunkSource, FetchPolicy, Fetcher, StoreSource};
@@ -55,6 +55,10 @@ pub(crate) fn run(args: MountArgs) -> Result<()> {
     // wait below instead of killing the process with the mount still up.
     fd_lazyfs::block_stop_signals()?;
 
+    // Checked first so that a typo does not bring an image's metadata over for nothing.
+    if !args.dir.is_dir() {
+        bail!("{}: not a directory (create it first)", args.dir.display());
+    }
     let store = Arc::new(Store::open_default().context("opening the store")?);
     let mut sources: Vec<Arc<StoreSource>> = Vec::new();
     for dir in &args.from {
@@ -64,9 +68,15 @@ pub(crate) fn run(args: MountArgs) -> Result<()> {
     }
     let image = resolve(&store, &sources, &args.reference)?;
 
-    let sources: Vec<Arc<dyn ChunkSource>> =
-        sources.into_iter().map(|s| s as Arc<dyn ChunkSource>).collect();
-    let fetcher = Arc::new(Fetcher::new(store.clone(), sources, FetchPolicy::from_env()));
+    let sources: Vec<Arc<dyn ChunkSource>> = sources
+        .into_iter()
+        .map(|s| s as Arc<dyn ChunkSource>)
+        .collect();
+    let fetcher = Arc::new(Fetcher::new(
+        store.clone(),
+        sources,
+        FetchPolicy::from_env(),
+    ));
     let options = MountOptions {
         prefetch: match args.prefetch {
             PrefetchArg::Profile => Prefetch::Profile,
@@ -104,23 +114,31 @@ pub(crate) fn run(args: MountArgs) -> Result<()> {
     }
     let mountpoint = mounted.mountpoint().to_path_buf();
     let report = mounted.unmount().context("unmounting")?;
-    let profile = if report.profile.is_some() { ", profile saved" } else { "" };
+    let profile = if report.profile.is_some() {
+        ", profile saved"
+    } else {
+        ""
+    };
     output::status(
         "Unmounted",
         format_args!(
             "{}{}: {} files read, {} chunks fetched ({}){profile}",
             mountpoint.display(),
-            if report.lazy { " (lazily: files were still open)" } else { "" },
+            if report.lazy {
+                " (lazily: files were still open)"
+            } else {
+                ""
+            },
             report.files_read,
             report.fetch.fetched,
             output::bytes(report.fetch.fetched_bytes),
         ),
     );
     if report.failed_reads > 0 {
-        output::warn(format_args!(
+        tracing::warn!(
             "{} reads failed because chunks could not be fetched (see the warnings above)",
             report.failed_reads
-        ));
+        );
     }
     Ok(())
 }
@@ -135,7 +153,10 @@ pub(crate) fn umount(args: UmountArgs) -> Result<()> {
     if let Some((pid, false)) = outcome.stopped {
         note.push_str(&format!(" (process {pid} has not exited yet)"));
     }
-    output::status("Unmounted", format_args!("{}{note}", outcome.mountpoint.display()));
+    output::status(
+        "Unmounted",
+        format_args!("{}{note}", outcome.mountpoint.display()),
+    );
     Ok(())
 }
 
@@ -149,7 +170,11 @@ fn resolve(store: &Store, sources: &[Arc<StoreSource>], reference: &str) -> Resu
     for source in sources {
         if let Ok(image) = images::find(source.store(), reference) {
             copy_metadata(source.store(), store, &image).with_context(|| {
-                format!("copying the metadata of {} from {}", image.reference, source.store().root().display())
+                format!(
+                    "copying the metadata of {} from {}",
+                    image.reference,
+                    source.store().root().display()
+                )
             })?;
             return Ok(image);
         }
@@ -168,17 +193,23 @@ fn copy_metadata(from: &Store, to: &Store, image: &ImageRecord) -> Result<()> {
     // The writer lock keeps a concurrent gc from removing these blobs before the image row
     // that makes them live exists.
     let _lock = to.writer_lock()?;
-    let keys = [Some(&image.manifest_digest), Some(&image.config_digest), image.index_digest.as_ref()]
-        .into_iter()
-        .flatten()
-        .chain([&image.file_index]);
+    let keys = [
+        Some(&image.manifest_digest),
+        Some(&image.config_digest),
+        image.index_digest.as_ref(),
+    ]
+    .into_iter()
+    .flatten()
+    .chain([&image.file_index]);
     for key in keys {
         if to.has_blob(key)? {
             continue;
         }
         // read_blob checks the bytes against the key (sha256 or blake3) before we copy them.
         let bytes = from.read_blob(key)?;
-        let (_, media_type) = from.blob(key)?.with_context(|| format!("blob {key} vanished"))?;
+        let (_, media_type) = from
+            .blob(key)?
+            .with_context(|| format!("blob {key} vanished"))?;
         to.put_blob_from_reader(key, &media_type, bytes.as_slice())?;
     }
     // The blobs must be durable before the row that makes the image visible.
@@ -192,7 +223,7 @@ fn thousands(n: u64) -> String {
     let digits = n.to_string();
     let mut out = String::new();
     for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i) % 3 == 0 {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);

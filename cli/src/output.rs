@@ -44,11 +44,6 @@ pub(crate) fn status(verb: &str, message: impl std::fmt::Display) {
     eprintln!("{} {message}", style(verb).green().bold());
 }
 
-/// A warning the user should read.
-pub(crate) fn warn(message: impl std::fmt::Display) {
-    eprintln!("{} {message}", style("warning:").yellow().bold());
-}
-
 /// Prints an error and its chain of causes.
 pub(crate) fn error(err: &anyhow::Error) {
     eprintln!("{} {err}", style("error:").red().bold());
@@ -82,7 +77,11 @@ pub(crate) struct Progress {
 
 impl Progress {
     pub(crate) fn new() -> Progress {
-        let target = if quiet() { ProgressDrawTarget::hidden() } else { ProgressDrawTarget::stderr() };
+        let target = if quiet() {
+            ProgressDrawTarget::hidden()
+        } else {
+            ProgressDrawTarget::stderr()
+        };
         let multi = MultiProgress::with_draw_target(target);
         Progress { multi }
     }

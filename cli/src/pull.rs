@@ -93,7 +93,10 @@ pub(crate) async fn pull(
         && img.manifest_digest == resolved.manifest.digest
         && is_complete(store, &img)?
     {
-        output::status("Up to date", format_args!("{name} ({})", output::short_digest(&img.manifest_digest)));
+        output::status(
+            "Up to date",
+            format_args!("{name} ({})", output::short_digest(&img.manifest_digest)),
+        );
         return Ok(img);
     }
 
@@ -107,25 +110,45 @@ pub(crate) async fn pull(
         .fetch_small_blob(&resolved.reference, &resolved.config)
         .await
         .with_context(|| format!("fetching config {}", resolved.config.digest))?;
-    stats.from_registry.fetch_add(config.len() as u64, Ordering::Relaxed);
+    stats
+        .from_registry
+        .fetch_add(config.len() as u64, Ordering::Relaxed);
     let diff_ids = diff_ids(&config, resolved.layers.len())?;
-    import.put_verified_bytes(&resolved.config.digest, &resolved.config.media_type, &config)?;
+    import.put_verified_bytes(
+        &resolved.config.digest,
+        &resolved.config.media_type,
+        &config,
+    )?;
 
     // Layers: download and unpack in parallel.
     let progress = output::Progress::new();
     futures::stream::iter(resolved.layers.iter().zip(diff_ids.iter()))
         .map(|(desc, diff_id)| {
             let bar = progress.download(output::short_digest(&desc.digest), desc.size);
-            fetch_layer(client, &resolved.reference, &import, desc, diff_id, bar, &stats)
+            fetch_layer(
+                client,
+                &resolved.reference,
+                &import,
+                desc,
+                diff_id,
+                bar,
+                &stats,
+            )
         })
         .buffer_unordered(PARALLEL_LAYERS)
         .try_collect::<Vec<()>>()
         .await?;
 
     // Manifest documents last: storing them byte for byte lets the store answer as a registry.
-    for doc in resolved.index.iter().chain(std::iter::once(&resolved.manifest)) {
+    for doc in resolved
+        .index
+        .iter()
+        .chain(std::iter::once(&resolved.manifest))
+    {
         import.put_verified_bytes(&doc.digest, &doc.media_type, &doc.bytes)?;
-        stats.from_registry.fetch_add(doc.bytes.len() as u64, Ordering::Relaxed);
+        stats
+            .from_registry
+            .fetch_add(doc.bytes.len() as u64, Ordering::Relaxed);
     }
     let meta = ImageMeta {
         reference: name.clone(),
@@ -183,14 +206,32 @@ async fn fetch_layer(
         .fetch_blob(reference, desc, &path, &on_progress)
         .await
         .with_context(|| format!("downloading layer {}", desc.digest))?;
-    stats.from_registry.fetch_add(fetched.bytes_downloaded, Ordering::Relaxed);
+    stats
+        .from_registry
+        .fetch_add(fetched.bytes_downloaded, Ordering::Relaxed);
     bar.set_message("unpacking");
 
     let (import, desc, diff_id) = (import.clone(), desc.clone(), diff_id.to_string());
     tokio::task::spawn_blocking(move || -> Result<()> {
-        import.put_blob_file(&desc.digest, desc.size, &desc.media_type, &path)?;
-        let file = fs_err::File::open(&path)?;
-        import.ingest_layer(&desc.digest, compression, std::io::BufReader::new(file), Some(&diff_id))?;
+        // The two views read the same downloaded file; building them on two threads keeps both
+        // cores busy (the file is in the page cache, so it is read from disk once).
+        std::thread::scope(|scope| -> Result<()> {
+            let blob_view = scope
+                .spawn(|| import.put_blob_file(&desc.digest, desc.size, &desc.media_type, &path));
+            let file = fs_err::File::open(&path)?;
+            let file_view = import.ingest_layer(
+                &desc.digest,
+                compression,
+                std::io::BufReader::new(file),
+                Some(&diff_id),
+            );
+            let blob_view = blob_view
+                .join()
+                .map_err(|_| anyhow::anyhow!("blob view thread panicked"))?;
+            blob_view?;
+            file_view?;
+            Ok(())
+        })?;
         fs_err::remove_file(&path)?;
         drop(lock);
         Ok(())
@@ -228,10 +269,17 @@ pub(crate) fn diff_ids(config: &[u8], layers: usize) -> Result<Vec<String>> {
     let ids: Vec<String> = value
         .pointer("/rootfs/diff_ids")
         .and_then(|v| v.as_array())
-        .map(|a| a.iter().filter_map(|d| d.as_str().map(str::to_string)).collect())
+        .map(|a| {
+            a.iter()
+                .filter_map(|d| d.as_str().map(str::to_string))
+                .collect()
+        })
         .unwrap_or_default();
     if ids.len() != layers {
-        bail!("image config lists {} diff_ids for {layers} layers; the image is malformed", ids.len());
+        bail!(
+            "image config lists {} diff_ids for {layers} layers; the image is malformed",
+            ids.len()
+        );
     }
     Ok(ids)
 }

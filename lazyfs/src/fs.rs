@@ -11,14 +11,16 @@
 //! long time, file pages across opens (`FOPEN_KEEP_CACHE`), directory listings
 //! (`FOPEN_CACHE_DIR`) and symlink targets.
 
+use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::fs::File;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileExt;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use fd_chunker::ChunkId;
 use fd_node::Kind;
 use fd_node::fetch::Fetcher;
 use fuser::{
@@ -55,6 +57,7 @@ pub(crate) struct Shared {
     /// Set at unmount: prefetchers stop between chunks.
     pub(crate) stopping: AtomicBool,
     fetching_reads: AtomicUsize,
+    open_chunks: OpenChunks,
 }
 
 impl Shared {
@@ -67,6 +70,7 @@ impl Shared {
             stats: ServeStats::default(),
             stopping: AtomicBool::new(false),
             fetching_reads: AtomicUsize::new(0),
+            open_chunks: OpenChunks::default(),
         }
     }
 
@@ -77,7 +81,10 @@ impl Shared {
         for p in pieces {
             let chunk = self.tree.chunk(p.chunk);
             let range = p.from as usize..(p.from + p.len) as usize;
-            if let Some(()) = read_local(&self.fetcher, &chunk.id, chunk.len, p, &mut buf) {
+            if let Some(()) =
+                self.open_chunks
+                    .read(&self.fetcher, &chunk.id, chunk.len, p, &mut buf)
+            {
                 continue;
             }
             if local_only {
@@ -102,30 +109,79 @@ enum ReadOutcome {
     Failed,
 }
 
-/// Appends a piece of a local chunk to `buf`; None when the chunk file is absent or short.
-fn read_local(fetcher: &Fetcher, id: &fd_chunker::ChunkId, len: u32, p: &Piece, buf: &mut Vec<u8>) -> Option<()> {
-    let file = File::open(fetcher.store().chunk_path(id)).ok()?;
-    // A chunk file of the wrong length is the remains of a crash; the fetcher replaces it.
-    if file.metadata().ok()?.len() != u64::from(len) {
-        return None;
+/// Open chunk files, so a sequential read does not open, stat and close a chunk file per
+/// request. Small and simply emptied when full: chunk files are cheap to reopen, and this only
+/// needs to cover the chunks of the reads in progress.
+#[derive(Default)]
+pub(crate) struct OpenChunks {
+    files: Mutex<HashMap<ChunkId, Arc<File>>>,
+}
+
+impl OpenChunks {
+    const CAPACITY: usize = 256;
+
+    /// The local chunk file, if it is there whole.
+    fn get(&self, fetcher: &Fetcher, id: &ChunkId, len: u32) -> Option<Arc<File>> {
+        if let Some(f) = self.files.lock().unwrap_or_else(|p| p.into_inner()).get(id) {
+            return Some(f.clone());
+        }
+        let file = File::open(fetcher.store().chunk_path(id)).ok()?;
+        // A chunk file of the wrong length is the remains of a crash; the fetcher replaces it.
+        if file.metadata().ok()?.len() != u64::from(len) {
+            return None;
+        }
+        let file = Arc::new(file);
+        let mut files = self.files.lock().unwrap_or_else(|p| p.into_inner());
+        if files.len() >= Self::CAPACITY {
+            files.clear();
+        }
+        files.insert(*id, file.clone());
+        Some(file)
     }
-    let at = buf.len();
-    buf.resize(at + p.len as usize, 0);
-    if file.read_exact_at(&mut buf[at..], u64::from(p.from)).is_err() {
-        buf.truncate(at);
-        return None;
+
+    /// Appends a piece of a local chunk to `buf`; None when the chunk is not local.
+    fn read(
+        &self,
+        fetcher: &Fetcher,
+        id: &ChunkId,
+        len: u32,
+        p: &Piece,
+        buf: &mut Vec<u8>,
+    ) -> Option<()> {
+        let file = self.get(fetcher, id, len)?;
+        let at = buf.len();
+        buf.resize(at + p.len as usize, 0);
+        if file
+            .read_exact_at(&mut buf[at..], u64::from(p.from))
+            .is_err()
+        {
+            buf.truncate(at);
+            self.files
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(id);
+            return None;
+        }
+        Some(())
     }
-    Some(())
 }
 
 /// The file system handed to fuser.
 pub(crate) struct LazyFs {
     shared: Arc<Shared>,
+    /// The kernel can skip OPEN/RELEASE (and OPENDIR/RELEASEDIR): every open then costs no
+    /// round trip, and the kernel keeps page and directory caches by default.
+    no_open: bool,
+    no_opendir: bool,
 }
 
 impl LazyFs {
     pub(crate) fn new(shared: Arc<Shared>) -> LazyFs {
-        LazyFs { shared }
+        LazyFs {
+            shared,
+            no_open: false,
+            no_opendir: false,
+        }
     }
 
     fn tree(&self) -> &Tree {
@@ -150,6 +206,11 @@ impl Filesystem for LazyFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         let offered = config.capabilities();
         let _ = config.add_capabilities(wanted_capabilities() & offered);
+        // Answering the first open with ENOSYS tells such a kernel to stop sending them; it
+        // then opens files with FOPEN_KEEP_CACHE and directories with FOPEN_CACHE_DIR, which
+        // is what this file system would answer anyway.
+        self.no_open = offered.contains(InitFlags::FUSE_NO_OPEN_SUPPORT);
+        self.no_opendir = offered.contains(InitFlags::FUSE_NO_OPENDIR_SUPPORT);
         // Readahead as large as the kernel allows: sequential reads then arrive in big
         // requests, each covering several chunks.
         if let Err(max) = config.set_max_readahead(u32::MAX) {
@@ -161,7 +222,9 @@ impl Filesystem for LazyFs {
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         let tree = self.tree();
-        let Some(dir) = tree.entry_of(parent) else { return reply.error(Errno::ENOENT) };
+        let Some(dir) = tree.entry_of(parent) else {
+            return reply.error(Errno::ENOENT);
+        };
         if tree.entry(dir).kind != Kind::Dir {
             return reply.error(Errno::ENOTDIR);
         }
@@ -180,7 +243,9 @@ impl Filesystem for LazyFs {
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
         match self.entry_or_reply(ino) {
-            Ok(i) if self.tree().entry(i).kind == Kind::Symlink => reply.data(&self.tree().entry(i).target),
+            Ok(i) if self.tree().entry(i).kind == Kind::Symlink => {
+                reply.data(&self.tree().entry(i).target)
+            }
             Ok(_) => reply.error(Errno::EINVAL),
             Err(e) => reply.error(e),
         }
@@ -196,6 +261,9 @@ impl Filesystem for LazyFs {
         }
         if self.tree().entry(i).kind == Kind::Dir {
             return reply.error(Errno::EISDIR);
+        }
+        if self.no_open {
+            return reply.error(Errno::ENOSYS);
         }
         reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE);
     }
@@ -224,7 +292,10 @@ impl Filesystem for LazyFs {
         let pieces = shared.tree.pieces(i, offset, size);
         let finish = move |shared: &Shared, outcome: ReadOutcome, reply: ReplyData| match outcome {
             ReadOutcome::Data(buf) => {
-                shared.stats.bytes_read.fetch_add(buf.len() as u64, Ordering::Relaxed);
+                shared
+                    .stats
+                    .bytes_read
+                    .fetch_add(buf.len() as u64, Ordering::Relaxed);
                 reply.data(&buf)
             }
             _ => {
@@ -244,11 +315,13 @@ impl Filesystem for LazyFs {
             return finish(shared, outcome, reply);
         }
         let worker = self.shared.clone();
-        let spawned = std::thread::Builder::new().name("fd-lazyfs-read".into()).spawn(move || {
-            let outcome = worker.read_file(i, &pieces, false);
-            worker.fetching_reads.fetch_sub(1, Ordering::AcqRel);
-            finish(&worker, outcome, reply);
-        });
+        let spawned = std::thread::Builder::new()
+            .name("fd-lazyfs-read".into())
+            .spawn(move || {
+                let outcome = worker.read_file(i, &pieces, false);
+                worker.fetching_reads.fetch_sub(1, Ordering::AcqRel);
+                finish(&worker, outcome, reply);
+            });
         if let Err(e) = spawned {
             // The closure (and the reply in it) is gone; the kernel sees the request fail.
             shared.fetching_reads.fetch_sub(1, Ordering::AcqRel);
@@ -256,26 +329,52 @@ impl Filesystem for LazyFs {
         }
     }
 
-    fn flush(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _owner: LockOwner, reply: ReplyEmpty) {
-        // Nothing is ever written, so there is nothing to flush at close.
-        reply.ok();
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        // Nothing is ever written, so close has nothing to flush; ENOSYS makes the kernel stop
+        // asking.
+        reply.error(Errno::ENOSYS);
     }
 
-    fn fsync(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+    fn fsync(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
         reply.ok();
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         match self.entry_or_reply(ino) {
-            Ok(i) if self.tree().entry(i).kind == Kind::Dir => {
-                reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_CACHE_DIR)
+            Ok(i) if self.tree().entry(i).kind == Kind::Dir && self.no_opendir => {
+                reply.error(Errno::ENOSYS)
             }
+            Ok(i) if self.tree().entry(i).kind == Kind::Dir => reply.opened(
+                FileHandle(0),
+                FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_CACHE_DIR,
+            ),
             Ok(_) => reply.error(Errno::ENOTDIR),
             Err(e) => reply.error(e),
         }
     }
 
-    fn readdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
         let tree = self.tree();
         let dir = match self.entry_or_reply(ino) {
             Ok(i) if tree.entry(i).kind == Kind::Dir => i,
@@ -326,14 +425,28 @@ impl Filesystem for LazyFs {
                 }
             };
             let attr = tree.attr(i);
-            if reply.add(attr.ino, pos + 1, OsStr::from_bytes(name), &CACHE_TTL, &attr, Generation(0)) {
+            if reply.add(
+                attr.ino,
+                pos + 1,
+                OsStr::from_bytes(name),
+                &CACHE_TTL,
+                &attr,
+                Generation(0),
+            ) {
                 break;
             }
         }
         reply.ok();
     }
 
-    fn fsyncdir(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+    fn fsyncdir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
         reply.ok();
     }
 

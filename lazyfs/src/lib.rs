@@ -58,19 +58,14 @@ pub enum LazyError {
     Node(#[from] fd_node::NodeError),
 
     /// A file-system operation failed; `what` says which and on what path.
-    #[error("{what}: {source}")]
-    Io {
-        what: String,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error("{what}: {error}")]
+    Io { what: String, error: std::io::Error },
 
     /// The kernel refused the mount.
-    #[error("cannot mount at {path}: {source} (FUSE needs /dev/fuse, and root or fusermount3)")]
+    #[error("cannot mount at {path}: {error} (FUSE needs /dev/fuse, and root or fusermount3)")]
     Mount {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
 
     /// The file index cannot be presented as a tree.

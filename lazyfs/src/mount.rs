@@ -53,7 +53,12 @@ pub struct MountOptions {
 
 impl Default for MountOptions {
     fn default() -> Self {
-        MountOptions { prefetch: Prefetch::Profile, allow_other: false, suid_and_devices: false, threads: 4 }
+        MountOptions {
+            prefetch: Prefetch::Profile,
+            allow_other: false,
+            suid_and_devices: false,
+            threads: 4,
+        }
     }
 }
 
@@ -95,14 +100,17 @@ pub fn mount(
     mountpoint: &Path,
     options: &MountOptions,
 ) -> Result<Mounted> {
-    let io = |what: String, source| LazyError::Io { what, source };
+    let io = |what: String, source| LazyError::Io {
+        what,
+        error: source,
+    };
     let mountpoint = mountpoint
         .canonicalize()
         .map_err(|e| io(format!("mount point {}", mountpoint.display()), e))?;
     if !mountpoint.is_dir() {
         return Err(LazyError::Io {
             what: format!("mount point {}", mountpoint.display()),
-            source: std::io::Error::from(std::io::ErrorKind::NotADirectory),
+            error: std::io::Error::from(std::io::ErrorKind::NotADirectory),
         });
     }
     let store = fetcher.store();
@@ -121,7 +129,13 @@ pub fn mount(
     // Name the mount after the image; commas and blanks would split mount options.
     let fsname: String = format!("{}{}", records::SOURCE_PREFIX, image.reference)
         .chars()
-        .map(|c| if c == ',' || c.is_whitespace() { '_' } else { c })
+        .map(|c| {
+            if c == ',' || c.is_whitespace() {
+                '_'
+            } else {
+                c
+            }
+        })
         .collect();
     let mut config = Config::default();
     config.mount_options = vec![
@@ -132,9 +146,15 @@ pub fn mount(
         MountOption::DefaultPermissions,
     ];
     if options.suid_and_devices {
-        config.mount_options.extend([MountOption::Suid, MountOption::Dev]);
+        config
+            .mount_options
+            .extend([MountOption::Suid, MountOption::Dev]);
     }
-    config.acl = if options.allow_other { SessionACL::All } else { SessionACL::Owner };
+    config.acl = if options.allow_other {
+        SessionACL::All
+    } else {
+        SessionACL::Owner
+    };
     config.n_threads = Some(options.threads.max(1));
 
     // The record goes first, so a crash right after mounting still leaves a trace to clean.
@@ -157,17 +177,25 @@ pub fn mount(
                 let _ = records::umount2(&mountpoint, libc::MNT_DETACH);
             }
             let _ = std::fs::remove_file(&record.file);
-            return Err(LazyError::Mount { path: mountpoint, source });
+            return Err(LazyError::Mount {
+                path: mountpoint,
+                error: source,
+            });
         }
     };
-    let thread = std::thread::Builder::new().name("fd-lazyfs".into()).spawn(move || session.run());
+    let thread = std::thread::Builder::new()
+        .name("fd-lazyfs".into())
+        .spawn(move || session.run());
     let session = match thread {
         Ok(t) => t,
         Err(source) => {
             // The session (and with it the mount) was dropped with the closure.
             let _ = records::umount2(&mountpoint, libc::MNT_DETACH);
             let _ = std::fs::remove_file(&record.file);
-            return Err(LazyError::Io { what: "starting the FUSE thread".into(), source });
+            return Err(LazyError::Io {
+                what: "starting the FUSE thread".into(),
+                error: source,
+            });
         }
     };
     raise_readahead(&mountpoint);
@@ -199,13 +227,20 @@ pub fn mount(
 /// Mounting here rather than in fuser keeps every unmount in this crate's hands: fuser would
 /// otherwise try a plain unmount of the path again when its session ends, even after the
 /// mount was removed from outside.
-fn mount_direct(mountpoint: &Path, fsname: &str, options: &MountOptions) -> std::io::Result<Option<OwnedFd>> {
+fn mount_direct(
+    mountpoint: &Path,
+    fsname: &str,
+    options: &MountOptions,
+) -> std::io::Result<Option<OwnedFd>> {
     use std::os::unix::fs::MetadataExt;
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         return Ok(None);
     }
-    let dev = std::fs::OpenOptions::new().read(true).write(true).open("/dev/fuse")?;
+    let dev = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/fuse")?;
     let root_mode = std::fs::metadata(mountpoint)?.mode() & libc::S_IFMT;
     // SAFETY: getuid and getgid have no preconditions.
     let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
@@ -225,11 +260,21 @@ fn mount_direct(mountpoint: &Path, fsname: &str, options: &MountOptions) -> std:
     let (fstype, data) = (c(b"fuse.fd")?, c(data.as_bytes())?);
     // SAFETY: every pointer is a valid NUL-terminated string that outlives the call.
     let rc = unsafe {
-        libc::mount(source.as_ptr(), target.as_ptr(), fstype.as_ptr(), flags, data.as_ptr().cast())
+        libc::mount(
+            source.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            flags,
+            data.as_ptr().cast(),
+        )
     };
     if rc != 0 {
         let e = std::io::Error::last_os_error();
-        return if e.raw_os_error() == Some(libc::EPERM) { Ok(None) } else { Err(e) };
+        return if e.raw_os_error() == Some(libc::EPERM) {
+            Ok(None)
+        } else {
+            Err(e)
+        };
     }
     Ok(Some(OwnedFd::from(dev)))
 }
@@ -238,9 +283,15 @@ fn mount_direct(mountpoint: &Path, fsname: &str, options: &MountOptions) -> std:
 /// requests. Best effort: without it reads are only smaller.
 fn raise_readahead(mountpoint: &Path) {
     use std::os::unix::fs::MetadataExt;
-    let Ok(meta) = std::fs::metadata(mountpoint) else { return };
+    let Ok(meta) = std::fs::metadata(mountpoint) else {
+        return;
+    };
     let dev = meta.dev();
-    let path = format!("/sys/class/bdi/{}:{}/read_ahead_kb", libc::major(dev), libc::minor(dev));
+    let path = format!(
+        "/sys/class/bdi/{}:{}/read_ahead_kb",
+        libc::major(dev),
+        libc::minor(dev)
+    );
     if let Err(e) = std::fs::write(&path, READ_AHEAD_KB.to_string()) {
         tracing::debug!(path, error = %e, "cannot raise readahead");
     }
@@ -296,7 +347,15 @@ impl Mounted {
         let plain = match self.unmounter.take() {
             // Mounted through fusermount3: fuser's handle unmounts, and never tries again.
             Some(mut unmounter) => unmounter.unmount(),
-            None if self.session.as_ref().is_some_and(|s| s.is_finished()) => Ok(()),
+            // The session ends when the mount is removed from outside; only a connection that
+            // died some other way leaves the mount behind, dead, to be detached.
+            None if self.session.as_ref().is_some_and(|s| s.is_finished()) => {
+                if records::is_fd_mount(&self.mountpoint) {
+                    records::umount2(&self.mountpoint, libc::MNT_DETACH)
+                } else {
+                    Ok(())
+                }
+            }
             None => records::umount2(&self.mountpoint, 0),
         };
         match plain {
@@ -309,7 +368,7 @@ impl Mounted {
                     tracing::warn!(first = %e, "unmount failed");
                     failure = Some(LazyError::Io {
                         what: format!("unmounting {}", self.mountpoint.display()),
-                        source,
+                        error: source,
                     });
                 }
             },
@@ -397,7 +456,7 @@ pub fn block_stop_signals() -> Result<()> {
     if rc != 0 {
         return Err(LazyError::Io {
             what: "blocking stop signals".into(),
-            source: std::io::Error::from_raw_os_error(rc),
+            error: std::io::Error::from_raw_os_error(rc),
         });
     }
     Ok(())

@@ -63,14 +63,20 @@ pub(crate) struct Recorder {
 
 impl Recorder {
     pub(crate) fn new(entries: usize) -> Recorder {
-        Recorder { seen: (0..entries).map(|_| AtomicBool::new(false)).collect(), order: Mutex::default() }
+        Recorder {
+            seen: (0..entries).map(|_| AtomicBool::new(false)).collect(),
+            order: Mutex::default(),
+        }
     }
 
     pub(crate) fn note_read(&self, entry: usize) {
         if let Some(flag) = self.seen.get(entry)
             && !flag.swap(true, Ordering::Relaxed)
         {
-            self.order.lock().unwrap_or_else(|p| p.into_inner()).push(entry as u32);
+            self.order
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(entry as u32);
         }
     }
 
@@ -125,27 +131,39 @@ impl Profile {
     pub fn chunk_refs(&self) -> Vec<ChunkRef> {
         self.chunks
             .iter()
-            .filter_map(|(hex, len)| ChunkId::from_hex(hex).ok().map(|id| ChunkRef { id, len: *len }))
+            .filter_map(|(hex, len)| {
+                ChunkId::from_hex(hex)
+                    .ok()
+                    .map(|id| ChunkRef { id, len: *len })
+            })
             .collect()
     }
 }
 
 fn pointer_path(store: &Store, manifest_digest: &str) -> PathBuf {
-    let hex = manifest_digest.rsplit(':').next().unwrap_or(manifest_digest);
+    let hex = manifest_digest
+        .rsplit(':')
+        .next()
+        .unwrap_or(manifest_digest);
     store.root().join("profiles").join(hex)
 }
 
 /// Stores `profile` and makes it the image's profile. Returns the object key.
 pub fn save_profile(store: &Store, profile: &Profile) -> Result<String> {
-    let bytes = serde_json::to_vec(profile)
-        .map_err(|e| LazyError::Io { what: "encoding the prefetch profile".into(), source: e.into() })?;
+    let bytes = serde_json::to_vec(profile).map_err(|e| LazyError::Io {
+        what: "encoding the prefetch profile".into(),
+        error: e.into(),
+    })?;
     // The writer lock keeps a concurrent gc from removing the new object's chunks before the
     // pointer names it.
     let _lock = store.writer_lock()?;
     let key = store.put_object(PROFILE_MEDIA_TYPE, &bytes)?;
     store.sync()?;
     let path = pointer_path(store, &profile.manifest_digest);
-    let io = |what: &str, source| LazyError::Io { what: format!("{what} {}", path.display()), source };
+    let io = |what: &str, source| LazyError::Io {
+        what: format!("{what} {}", path.display()),
+        error: source,
+    };
     let dir = path.parent().unwrap_or(store.root());
     std::fs::create_dir_all(dir).map_err(|e| io("creating the folder of", e))?;
     let tmp = dir.join(format!(".tmp-{}", std::process::id()));
@@ -160,7 +178,12 @@ pub fn load_profile(store: &Store, manifest_digest: &str) -> Result<Option<Profi
     let key = match std::fs::read_to_string(&path) {
         Ok(k) => k.trim().to_string(),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(source) => return Err(LazyError::Io { what: format!("reading {}", path.display()), source }),
+        Err(source) => {
+            return Err(LazyError::Io {
+                what: format!("reading {}", path.display()),
+                error: source,
+            });
+        }
     };
     let bytes = match store.read_blob(&key) {
         Ok(b) => b,
@@ -172,7 +195,10 @@ pub fn load_profile(store: &Store, manifest_digest: &str) -> Result<Option<Profi
         reason: e.to_string(),
     })?;
     if profile.version != 1 {
-        return Err(LazyError::BadProfile { key, reason: format!("version {} is not 1", profile.version) });
+        return Err(LazyError::BadProfile {
+            key,
+            reason: format!("version {} is not 1", profile.version),
+        });
     }
     Ok(Some(profile))
 }
@@ -285,7 +311,10 @@ mod tests {
 
     #[test]
     fn profile_round_trips_through_the_store() -> Result<()> {
-        let dir = tempfile::tempdir().map_err(|e| LazyError::Io { what: "tempdir".into(), source: e })?;
+        let dir = tempfile::tempdir().map_err(|e| LazyError::Io {
+            what: "tempdir".into(),
+            error: e,
+        })?;
         let store = Store::open(dir.path())?;
         let id = ChunkId::of(b"x");
         let profile = Profile {
@@ -298,10 +327,16 @@ mod tests {
         assert_eq!(load_profile(&store, "sha256:abcd")?, None);
         let key = save_profile(&store, &profile)?;
         assert!(key.starts_with("blake3:"));
-        assert_eq!(store.blob(&key)?.map(|(_, m)| m), Some(PROFILE_MEDIA_TYPE.to_string()));
+        assert_eq!(
+            store.blob(&key)?.map(|(_, m)| m),
+            Some(PROFILE_MEDIA_TYPE.to_string())
+        );
         let back = load_profile(&store, "sha256:abcd")?;
         assert_eq!(back.as_ref(), Some(&profile));
-        assert_eq!(back.map(|p| p.chunk_refs()), Some(vec![ChunkRef { id, len: 1 }]));
+        assert_eq!(
+            back.map(|p| p.chunk_refs()),
+            Some(vec![ChunkRef { id, len: 1 }])
+        );
         assert!(dir.path().join("profiles/abcd").is_file());
         Ok(())
     }

@@ -59,13 +59,20 @@ pub(crate) fn write_record(store_root: &Path, mountpoint: &Path) -> Result<Mount
     let pid = std::process::id() as i32;
     let start = process_start_time(pid).ok_or_else(|| LazyError::Io {
         what: "reading this process's start time from /proc".into(),
-        source: std::io::Error::other("no /proc/self/stat"),
+        error: std::io::Error::other("no /proc/self/stat"),
     })?;
     let dir = records_dir(store_root);
-    let io = |what: String, source| LazyError::Io { what, source };
+    let io = |what: String, source| LazyError::Io {
+        what,
+        error: source,
+    };
     std::fs::create_dir_all(&dir).map_err(|e| io(format!("creating {}", dir.display()), e))?;
     let n = COUNT.fetch_add(1, Ordering::Relaxed);
-    let name = if n == 0 { pid.to_string() } else { format!("{pid}.{n}") };
+    let name = if n == 0 {
+        pid.to_string()
+    } else {
+        format!("{pid}.{n}")
+    };
     let file = dir.join(name);
     let mut text = format!("pid={pid}\nstart={start}\nmountpoint=").into_bytes();
     text.extend_from_slice(mountpoint.as_os_str().as_bytes());
@@ -73,12 +80,19 @@ pub(crate) fn write_record(store_root: &Path, mountpoint: &Path) -> Result<Mount
     let tmp = dir.join(format!(".tmp-{pid}-{n}"));
     std::fs::write(&tmp, &text).map_err(|e| io(format!("writing {}", tmp.display()), e))?;
     std::fs::rename(&tmp, &file).map_err(|e| io(format!("writing {}", file.display()), e))?;
-    Ok(MountRecord { pid, start, mountpoint: mountpoint.to_path_buf(), file })
+    Ok(MountRecord {
+        pid,
+        start,
+        mountpoint: mountpoint.to_path_buf(),
+        file,
+    })
 }
 
 /// Every readable mount record of the store. Unreadable or malformed files are skipped.
 pub fn read_records(store_root: &Path) -> Vec<MountRecord> {
-    let Ok(dir) = std::fs::read_dir(records_dir(store_root)) else { return Vec::new() };
+    let Ok(dir) = std::fs::read_dir(records_dir(store_root)) else {
+        return Vec::new();
+    };
     let mut out = Vec::new();
     for item in dir.flatten() {
         let name = item.file_name();
@@ -86,7 +100,9 @@ pub fn read_records(store_root: &Path) -> Vec<MountRecord> {
             continue;
         }
         let file = item.path();
-        let Ok(bytes) = std::fs::read(&file) else { continue };
+        let Ok(bytes) = std::fs::read(&file) else {
+            continue;
+        };
         if let Some(rec) = parse_record(&bytes, file) {
             out.push(rec);
         }
@@ -106,7 +122,12 @@ fn parse_record(bytes: &[u8], file: PathBuf) -> Option<MountRecord> {
             mountpoint = Some(PathBuf::from(OsStr::from_bytes(v)));
         }
     }
-    Some(MountRecord { pid: pid?, start: start?, mountpoint: mountpoint?, file })
+    Some(MountRecord {
+        pid: pid?,
+        start: start?,
+        mountpoint: mountpoint?,
+        file,
+    })
 }
 
 /// Start time of a running process, None when it does not exist or is a zombie.
@@ -146,7 +167,9 @@ impl MountEntry {
 
 /// The mounts of this mount namespace in mount order, from mountinfo.
 pub(crate) fn mount_table() -> Vec<MountEntry> {
-    let Ok(info) = std::fs::read("/proc/self/mountinfo") else { return Vec::new() };
+    let Ok(info) = std::fs::read("/proc/self/mountinfo") else {
+        return Vec::new();
+    };
     info.split(|&b| b == b'\n')
         .filter_map(|line| {
             let fields: Vec<&[u8]> = line.split(|&b| b == b' ').collect();
@@ -154,7 +177,11 @@ pub(crate) fn mount_table() -> Vec<MountEntry> {
             let sep = fields.iter().position(|f| *f == b"-")?;
             let fstype = std::str::from_utf8(fields.get(sep + 1)?).ok()?.to_string();
             let source = unescape(fields.get(sep + 2)?);
-            Some(MountEntry { point: PathBuf::from(OsStr::from_bytes(&unescape(point))), fstype, source })
+            Some(MountEntry {
+                point: PathBuf::from(OsStr::from_bytes(&unescape(point))),
+                fstype,
+                source,
+            })
         })
         .collect()
 }
@@ -166,7 +193,9 @@ fn unescape(field: &[u8]) -> Vec<u8> {
     while i < field.len() {
         if field[i] == b'\\'
             && i + 3 < field.len()
-            && field[i + 1..i + 4].iter().all(|b| (b'0'..=b'7').contains(b))
+            && field[i + 1..i + 4]
+                .iter()
+                .all(|b| (b'0'..=b'7').contains(b))
         {
             let v = (field[i + 1] - b'0') * 64 + (field[i + 2] - b'0') * 8 + (field[i + 3] - b'0');
             out.push(v);
@@ -189,7 +218,11 @@ pub(crate) fn umount2(path: &Path, flags: libc::c_int) -> std::io::Result<()> {
     let c = CString::new(path.as_os_str().as_bytes()).map_err(std::io::Error::other)?;
     // SAFETY: `c` is a valid NUL-terminated path for the duration of the call.
     let rc = unsafe { libc::umount2(c.as_ptr(), flags) };
-    if rc == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
 }
 
 /// Unmounts `path`; when it is busy (open files, a process inside), detaches it lazily
@@ -208,7 +241,10 @@ pub(crate) fn unmount_or_detach(path: &Path) -> std::io::Result<bool> {
 /// The absolute form of `dir` without following its last component, which may be a mount
 /// whose process died (any `stat` of it fails with "transport endpoint is not connected").
 pub(crate) fn absolute(dir: &Path) -> Result<PathBuf> {
-    let io = |source| LazyError::Io { what: format!("resolving {}", dir.display()), source };
+    let io = |source| LazyError::Io {
+        what: format!("resolving {}", dir.display()),
+        error: source,
+    };
     let abs = if dir.is_absolute() {
         dir.to_path_buf()
     } else {
@@ -247,7 +283,10 @@ pub fn clean_stale_mounts(store_root: &Path) -> Result<usize> {
             Ok(()) => cleaned += 1,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(source) => {
-                return Err(LazyError::Io { what: format!("removing {}", rec.file.display()), source });
+                return Err(LazyError::Io {
+                    what: format!("removing {}", rec.file.display()),
+                    error: source,
+                });
             }
         }
     }
@@ -284,13 +323,18 @@ pub struct UnmountOutcome {
 /// process that mounted it to finish (save its profile, exit) and waits for it a while.
 pub fn unmount_dir(store_root: &Path, dir: &Path) -> Result<UnmountOutcome> {
     let target = absolute(dir)?;
-    let record = read_records(store_root).into_iter().find(|r| r.mountpoint == target);
+    let record = read_records(store_root)
+        .into_iter()
+        .find(|r| r.mountpoint == target);
     // The last mount at a path is the one on top, the one an unmount removes.
-    let top = mount_table().into_iter().filter(|m| m.point == target).last();
+    let top = mount_table().into_iter().rev().find(|m| m.point == target);
     let mounted = top.as_ref().is_some_and(MountEntry::is_fd);
     if !mounted {
         if let Some(m) = top {
-            return Err(LazyError::NotFdMount { path: target, fstype: m.fstype });
+            return Err(LazyError::NotFdMount {
+                path: target,
+                fstype: m.fstype,
+            });
         }
         if record.is_none() {
             return Err(LazyError::NotMounted { path: target });
@@ -303,7 +347,10 @@ pub fn unmount_dir(store_root: &Path, dir: &Path) -> Result<UnmountOutcome> {
             // The mounting process may have unmounted it a moment ago.
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
             Err(source) => {
-                return Err(LazyError::Io { what: format!("unmounting {}", target.display()), source });
+                return Err(LazyError::Io {
+                    what: format!("unmounting {}", target.display()),
+                    error: source,
+                });
             }
         }
     }
@@ -327,7 +374,11 @@ pub fn unmount_dir(store_root: &Path, dir: &Path) -> Result<UnmountOutcome> {
             let _ = std::fs::remove_file(&rec.file);
         }
     }
-    Ok(UnmountOutcome { mountpoint: target, lazy, stopped })
+    Ok(UnmountOutcome {
+        mountpoint: target,
+        lazy,
+        stopped,
+    })
 }
 
 #[cfg(test)]
@@ -336,25 +387,43 @@ mod tests {
 
     #[test]
     fn record_round_trip_and_liveness() -> Result<()> {
-        let dir = tempfile::tempdir().map_err(|e| LazyError::Io { what: "tempdir".into(), source: e })?;
+        let dir = tempfile::tempdir().map_err(|e| LazyError::Io {
+            what: "tempdir".into(),
+            error: e,
+        })?;
         let rec = write_record(dir.path(), Path::new("/tmp/some where/\u{e9}"))?;
         assert!(rec.is_alive(), "this process is alive");
         let back = read_records(dir.path());
         assert_eq!(back, vec![rec.clone()]);
         // Same pid, other start time: a reused pid is not the mounting process.
-        let reused = MountRecord { start: rec.start + 1, ..rec.clone() };
+        let reused = MountRecord {
+            start: rec.start + 1,
+            ..rec.clone()
+        };
         assert!(!reused.is_alive());
         Ok(())
     }
 
     #[test]
     fn stale_record_without_mount_is_forgotten() -> Result<()> {
-        let dir = tempfile::tempdir().map_err(|e| LazyError::Io { what: "tempdir".into(), source: e })?;
+        let dir = tempfile::tempdir().map_err(|e| LazyError::Io {
+            what: "tempdir".into(),
+            error: e,
+        })?;
         let mounts = dir.path().join("mounts");
-        std::fs::create_dir_all(&mounts).map_err(|e| LazyError::Io { what: "mkdir".into(), source: e })?;
+        std::fs::create_dir_all(&mounts).map_err(|e| LazyError::Io {
+            what: "mkdir".into(),
+            error: e,
+        })?;
         // pid 0 never names a process here.
-        std::fs::write(mounts.join("0"), "pid=0\nstart=1\nmountpoint=/nonexistent/fd-test\n")
-            .map_err(|e| LazyError::Io { what: "write".into(), source: e })?;
+        std::fs::write(
+            mounts.join("0"),
+            "pid=0\nstart=1\nmountpoint=/nonexistent/fd-test\n",
+        )
+        .map_err(|e| LazyError::Io {
+            what: "write".into(),
+            error: e,
+        })?;
         let live = write_record(dir.path(), Path::new("/nonexistent/other"))?;
         assert_eq!(clean_stale_mounts(dir.path())?, 1);
         assert_eq!(read_records(dir.path()), vec![live]);

@@ -61,10 +61,16 @@ impl Tree {
             _ => return Err(bad("the first entry is not the root directory".into())),
         }
         if entries.len() >= u32::MAX as usize {
-            return Err(bad(format!("{} paths is more than one mount can number", entries.len())));
+            return Err(bad(format!(
+                "{} paths is more than one mount can number",
+                entries.len()
+            )));
         }
         if let Some(w) = entries.windows(2).find(|w| w[0].path >= w[1].path) {
-            return Err(bad(format!("paths out of order at {:?}", w[1].path_lossy())));
+            return Err(bad(format!(
+                "paths out of order at {:?}",
+                w[1].path_lossy()
+            )));
         }
 
         let n = entries.len();
@@ -122,7 +128,17 @@ impl Tree {
             e.chunks = Vec::new();
             spans.push((begin, chunks.len() as u32));
         }
-        Ok(Tree { entries, parent, children, subdirs, inode_of, chunks, starts, spans, content_bytes })
+        Ok(Tree {
+            entries,
+            parent,
+            children,
+            subdirs,
+            inode_of,
+            chunks,
+            starts,
+            spans,
+            content_bytes,
+        })
     }
 
     /// Number of paths in the image.
@@ -167,7 +183,9 @@ impl Tree {
     /// The child of directory `dir` called `name`.
     pub(crate) fn lookup(&self, dir: usize, name: &[u8]) -> Option<usize> {
         let kids = &self.children[dir];
-        kids.binary_search_by(|&c| self.name(c as usize).cmp(name)).ok().map(|k| kids[k] as usize)
+        kids.binary_search_by(|&c| self.name(c as usize).cmp(name))
+            .ok()
+            .map(|k| kids[k] as usize)
     }
 
     pub(crate) fn chunk(&self, k: usize) -> ChunkRef {
@@ -183,17 +201,26 @@ impl Tree {
     /// Every distinct chunk of every file, in path order.
     pub(crate) fn all_chunks(&self) -> Vec<ChunkRef> {
         let mut seen = std::collections::HashSet::new();
-        self.chunks.iter().copied().filter(|c| seen.insert(c.id)).collect()
+        self.chunks
+            .iter()
+            .copied()
+            .filter(|c| seen.insert(c.id))
+            .collect()
     }
 
     /// Where the bytes `offset .. offset + size` of file `i` are, clipped to the file's end.
     pub(crate) fn pieces(&self, i: usize, offset: u64, size: u32) -> Vec<Piece> {
         let (b, e) = self.spans[i];
         let (b, e) = (b as usize, e as usize);
-        let end = offset.saturating_add(u64::from(size)).min(self.entries[i].size);
+        let end = offset
+            .saturating_add(u64::from(size))
+            .min(self.entries[i].size);
         map_range(&self.starts[b..e], &self.chunks[b..e], offset, end)
             .into_iter()
-            .map(|p| Piece { chunk: p.chunk + b, ..p })
+            .map(|p| Piece {
+                chunk: p.chunk + b,
+                ..p
+            })
             .collect()
     }
 
@@ -252,7 +279,11 @@ pub(crate) fn map_range(starts: &[u64], chunks: &[ChunkRef], offset: u64, end: u
             continue;
         }
         let take_end = chunk_end.min(end);
-        out.push(Piece { chunk: k, from: (pos - chunk_start) as u32, len: (take_end - pos) as u32 });
+        out.push(Piece {
+            chunk: k,
+            from: (pos - chunk_start) as u32,
+            len: (take_end - pos) as u32,
+        });
         pos = take_end;
         k += 1;
     }
@@ -271,7 +302,8 @@ fn system_time(secs: i64, nsec: u32) -> SystemTime {
         UNIX_EPOCH + Duration::new(secs as u64, nsec)
     } else {
         // Before 1970: step back whole seconds, then forward by the fraction.
-        UNIX_EPOCH - Duration::from_secs(secs.unsigned_abs()) + Duration::from_nanos(u64::from(nsec))
+        UNIX_EPOCH - Duration::from_secs(secs.unsigned_abs())
+            + Duration::from_nanos(u64::from(nsec))
     }
 }
 
@@ -289,7 +321,10 @@ mod tests {
             .map(|(k, &len)| {
                 starts.push(at);
                 at += u64::from(len);
-                ChunkRef { id: ChunkId([k as u8; 32]), len }
+                ChunkRef {
+                    id: ChunkId([k as u8; 32]),
+                    len,
+                }
             })
             .collect();
         (starts, chunks)
@@ -314,7 +349,10 @@ mod tests {
             map_range(&s, &c, 90, 200),
             vec![piece(0, 90, 10), piece(1, 0, 50), piece(2, 0, 50)]
         );
-        assert_eq!(map_range(&s, &c, 0, 350), vec![piece(0, 0, 100), piece(1, 0, 50), piece(2, 0, 200)]);
+        assert_eq!(
+            map_range(&s, &c, 0, 350),
+            vec![piece(0, 0, 100), piece(1, 0, 50), piece(2, 0, 200)]
+        );
     }
 
     #[test]
@@ -339,7 +377,11 @@ mod tests {
                 let pieces = map_range(&s, &c, offset, end);
                 let mut pos = offset;
                 for p in &pieces {
-                    assert_eq!(s[p.chunk] + u64::from(p.from), pos, "contiguous at {offset}+{size}");
+                    assert_eq!(
+                        s[p.chunk] + u64::from(p.from),
+                        pos,
+                        "contiguous at {offset}+{size}"
+                    );
                     assert!(p.len > 0 && p.from + p.len <= c[p.chunk].len);
                     pos += u64::from(p.len);
                 }
@@ -360,7 +402,10 @@ mod tests {
         a.link_group = 7;
         a.nlink = 2;
         a.size = 5;
-        a.chunks = vec![ChunkRef { id: ChunkId([1; 32]), len: 5 }];
+        a.chunks = vec![ChunkRef {
+            id: ChunkId([1; 32]),
+            len: 5,
+        }];
         let mut b = a.clone();
         b.path = b"/d/b".to_vec();
         let index = FileIndex {
@@ -379,7 +424,11 @@ mod tests {
         assert_eq!(t.inode(0), INodeNo::ROOT);
         assert_eq!(t.inode(1), t.inode(4), "hardlinks share an inode");
         assert_eq!(t.entry_of(t.inode(4)), Some(1));
-        assert_eq!(t.entry_of(INodeNo(5)), None, "the second link's own number is never used");
+        assert_eq!(
+            t.entry_of(INodeNo(5)),
+            None,
+            "the second link's own number is never used"
+        );
         assert_eq!(t.attr(4).nlink, 2);
         assert_eq!(t.attr(0).nlink, 4, "root: 2 + /a-x + /d");
         assert_eq!(t.attr(3).nlink, 3, "/d: 2 + /d/e");
@@ -398,7 +447,9 @@ mod tests {
 
     #[test]
     fn tree_rejects_index_without_root() {
-        let index = FileIndex { entries: vec![entry("/a", Kind::File)] };
+        let index = FileIndex {
+            entries: vec![entry("/a", Kind::File)],
+        };
         assert!(Tree::new(index).is_err());
     }
 
@@ -414,6 +465,9 @@ mod tests {
     #[test]
     fn times_before_1970_keep_their_fraction() {
         let t = system_time(-2, 500_000_000);
-        assert_eq!(UNIX_EPOCH.duration_since(t).ok(), Some(Duration::from_millis(1500)));
+        assert_eq!(
+            UNIX_EPOCH.duration_since(t).ok(),
+            Some(Duration::from_millis(1500))
+        );
     }
 }

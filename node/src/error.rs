@@ -28,7 +28,11 @@ pub enum NodeError {
     /// A layer tar contains something fd refuses to import. `entry` is the path as written in
     /// the tar, so the user can find it.
     #[error("layer {layer}: entry {entry:?} rejected: {reason}")]
-    HostileEntry { layer: String, entry: String, reason: String },
+    HostileEntry {
+        layer: String,
+        entry: String,
+        reason: String,
+    },
 
     /// A layer could not be read as a tar archive in the declared compression.
     #[error("layer {layer}: {reason}")]
@@ -36,11 +40,19 @@ pub enum NodeError {
 
     /// Bytes do not hash to the digest they were named by.
     #[error("{what}: digest mismatch: expected {expected}, computed {computed}")]
-    DigestMismatch { what: String, expected: String, computed: String },
+    DigestMismatch {
+        what: String,
+        expected: String,
+        computed: String,
+    },
 
     /// Bytes do not have the size they were declared with.
     #[error("{what}: size mismatch: expected {expected} bytes, got {got}")]
-    SizeMismatch { what: String, expected: u64, got: u64 },
+    SizeMismatch {
+        what: String,
+        expected: u64,
+        got: u64,
+    },
 
     /// Something the store should hold is not there.
     #[error("{what} is not in the store")]
@@ -70,6 +82,9 @@ pub enum NodeError {
 
 impl NodeError {
     pub(crate) fn db(path: &std::path::Path, source: rusqlite::Error) -> Self {
-        NodeError::Db { path: path.to_path_buf(), source }
+        NodeError::Db {
+            path: path.to_path_buf(),
+            source,
+        }
     }
 }

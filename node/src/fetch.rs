@@ -60,7 +60,10 @@ impl FetchPolicy {
     /// number.
     pub fn from_env() -> FetchPolicy {
         let mut policy = FetchPolicy::default();
-        if let Some(ms) = std::env::var(Self::TIMEOUT_ENV).ok().and_then(|v| v.trim().parse().ok()) {
+        if let Some(ms) = std::env::var(Self::TIMEOUT_ENV)
+            .ok()
+            .and_then(|v| v.trim().parse().ok())
+        {
             policy.timeout = Duration::from_millis(ms);
         }
         policy
@@ -69,7 +72,10 @@ impl FetchPolicy {
 
 impl Default for FetchPolicy {
     fn default() -> Self {
-        FetchPolicy { timeout: Self::DEFAULT_TIMEOUT, down_for: Duration::from_secs(30) }
+        FetchPolicy {
+            timeout: Self::DEFAULT_TIMEOUT,
+            down_for: Duration::from_secs(30),
+        }
     }
 }
 
@@ -110,7 +116,9 @@ struct SourceSlot {
 impl SourceSlot {
     fn down_reason(&self, now: Instant) -> Option<String> {
         let down = self.down.lock().unwrap_or_else(|p| p.into_inner());
-        down.as_ref().filter(|(until, _)| *until > now).map(|(_, why)| why.clone())
+        down.as_ref()
+            .filter(|(until, _)| *until > now)
+            .map(|(_, why)| why.clone())
     }
 
     fn mark_down(&self, until: Instant, why: &str) {
@@ -143,7 +151,10 @@ impl std::fmt::Debug for Fetcher {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Fetcher")
             .field("store", &self.store.root())
-            .field("sources", &self.sources.iter().map(|s| &s.name).collect::<Vec<_>>())
+            .field(
+                "sources",
+                &self.sources.iter().map(|s| &s.name).collect::<Vec<_>>(),
+            )
             .field("policy", &self.policy)
             .finish()
     }
@@ -154,7 +165,11 @@ impl Fetcher {
     pub fn new(store: Arc<Store>, sources: Vec<Arc<dyn ChunkSource>>, policy: FetchPolicy) -> Self {
         let sources = sources
             .into_iter()
-            .map(|source| SourceSlot { name: source.name(), source, down: Mutex::new(None) })
+            .map(|source| SourceSlot {
+                name: source.name(),
+                source,
+                down: Mutex::new(None),
+            })
             .collect();
         Fetcher {
             store,
@@ -239,14 +254,26 @@ impl Fetcher {
         }
         impl Drop for Publish<'_> {
             fn drop(&mut self) {
-                let result = self.result.take().unwrap_or_else(|| Err("the fetch was abandoned".into()));
+                let result = self
+                    .result
+                    .take()
+                    .unwrap_or_else(|| Err("the fetch was abandoned".into()));
                 *self.flight.result.lock().unwrap_or_else(|p| p.into_inner()) = Some(result);
                 self.flight.ready.notify_all();
-                let mut inflight = self.fetcher.inflight.lock().unwrap_or_else(|p| p.into_inner());
+                let mut inflight = self
+                    .fetcher
+                    .inflight
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner());
                 inflight.remove(&self.id);
             }
         }
-        let mut publish = Publish { fetcher: self, id: *id, flight, result: None };
+        let mut publish = Publish {
+            fetcher: self,
+            id: *id,
+            flight,
+            result: None,
+        };
 
         // Another leader may have finished between our local check and taking the lead.
         let result = match self.read_local(id, len) {
@@ -270,9 +297,10 @@ impl Fetcher {
         let mut result = flight.result.lock().unwrap_or_else(|p| p.into_inner());
         loop {
             if let Some(answer) = result.as_ref() {
-                return answer
-                    .clone()
-                    .map_err(|reasons| NodeError::Unavailable { what: chunk_what(id), reasons });
+                return answer.clone().map_err(|reasons| NodeError::Unavailable {
+                    what: chunk_what(id),
+                    reasons,
+                });
             }
             let now = Instant::now();
             if now >= deadline {
@@ -319,8 +347,11 @@ impl Fetcher {
             });
         }
         // Sources marked down go last: still worth a try when nothing else has the chunk.
-        let mut order: Vec<(&SourceSlot, Option<String>)> =
-            self.sources.iter().map(|s| (s, s.down_reason(started))).collect();
+        let mut order: Vec<(&SourceSlot, Option<String>)> = self
+            .sources
+            .iter()
+            .map(|s| (s, s.down_reason(started)))
+            .collect();
         order.sort_by_key(|(_, down)| down.is_some());
 
         let mut reasons = Vec::new();
@@ -332,19 +363,24 @@ impl Fetcher {
             }
             let remaining = deadline - now;
             let outcome = match ask(slot, id, len, remaining) {
-                Ok(data) if data.len() != len as usize => {
-                    Err((format!("answered {} bytes instead of {len}", data.len()), true))
-                }
+                Ok(data) if data.len() != len as usize => Err((
+                    format!("answered {} bytes instead of {len}", data.len()),
+                    true,
+                )),
                 Ok(data) if ChunkId::of(&data) != *id => {
                     self.counters.corrupt.fetch_add(1, Ordering::Relaxed);
-                    Err(("answered bytes that do not match the chunk id".to_string(), true))
+                    Err((
+                        "answered bytes that do not match the chunk id".to_string(),
+                        true,
+                    ))
                 }
                 Ok(data) => Ok(data),
                 Err(AskError::Missing) => Err(("does not have it".to_string(), false)),
                 Err(AskError::Failed(e)) => Err((e, true)),
-                Err(AskError::TimedOut) => {
-                    Err((format!("no answer within {} ms", remaining.as_millis()), true))
-                }
+                Err(AskError::TimedOut) => Err((
+                    format!("no answer within {} ms", remaining.as_millis()),
+                    true,
+                )),
             };
             match outcome {
                 Ok(data) => {
@@ -353,7 +389,9 @@ impl Fetcher {
                         tracing::warn!(chunk = %id.short(), error = %e, "cannot store fetched chunk");
                     }
                     self.counters.fetched.fetch_add(1, Ordering::Relaxed);
-                    self.counters.fetched_bytes.fetch_add(u64::from(len), Ordering::Relaxed);
+                    self.counters
+                        .fetched_bytes
+                        .fetch_add(u64::from(len), Ordering::Relaxed);
                     tracing::debug!(chunk = %id.short(), source = %slot.name, len,
                         ms = started.elapsed().as_millis() as u64, "fetched chunk");
                     return Ok(data);
@@ -363,7 +401,9 @@ impl Fetcher {
                         slot.mark_down(Instant::now() + self.policy.down_for, &why);
                     }
                     let why = match down {
-                        Some(earlier) if counts_against => format!("{why} (down before: {earlier})"),
+                        Some(earlier) if counts_against => {
+                            format!("{why} (down before: {earlier})")
+                        }
                         _ => why,
                     };
                     reasons.push(format!("{}: {why}", slot.name));
@@ -371,7 +411,10 @@ impl Fetcher {
             }
         }
         self.counters.failed.fetch_add(1, Ordering::Relaxed);
-        Err(NodeError::Unavailable { what: chunk_what(id), reasons: reasons.join("; ") })
+        Err(NodeError::Unavailable {
+            what: chunk_what(id),
+            reasons: reasons.join("; "),
+        })
     }
 }
 
@@ -387,22 +430,33 @@ enum AskError {
 
 /// Asks one source on a helper thread so a source that hangs costs at most `limit`. A thread
 /// left behind by a timeout finishes on its own; its answer is dropped.
-fn ask(slot: &SourceSlot, id: &ChunkId, len: u32, limit: Duration) -> std::result::Result<Vec<u8>, AskError> {
+fn ask(
+    slot: &SourceSlot,
+    id: &ChunkId,
+    len: u32,
+    limit: Duration,
+) -> std::result::Result<Vec<u8>, AskError> {
     let (tx, rx) = mpsc::sync_channel(1);
     let source = slot.source.clone();
     let id = *id;
-    let spawned = std::thread::Builder::new().name("fd-fetch".into()).spawn(move || {
-        let _ = tx.send(source.fetch(&id, len));
-    });
+    let spawned = std::thread::Builder::new()
+        .name("fd-fetch".into())
+        .spawn(move || {
+            let _ = tx.send(source.fetch(&id, len));
+        });
     if let Err(e) = spawned {
-        return Err(AskError::Failed(format!("cannot start a fetch thread: {e}")));
+        return Err(AskError::Failed(format!(
+            "cannot start a fetch thread: {e}"
+        )));
     }
     match rx.recv_timeout(limit) {
         Ok(Ok(data)) => Ok(data),
         Ok(Err(NodeError::Missing { .. })) => Err(AskError::Missing),
         Ok(Err(e)) => Err(AskError::Failed(e.to_string())),
         Err(mpsc::RecvTimeoutError::Timeout) => Err(AskError::TimedOut),
-        Err(mpsc::RecvTimeoutError::Disconnected) => Err(AskError::Failed("the fetch thread panicked".into())),
+        Err(mpsc::RecvTimeoutError::Disconnected) => {
+            Err(AskError::Failed("the fetch thread panicked".into()))
+        }
     }
 }
 
@@ -423,7 +477,10 @@ impl StoreSource {
                 reason: "no fd store here (no fd.db)".into(),
             });
         }
-        Ok(StoreSource { store: Store::open(&root)?, root })
+        Ok(StoreSource {
+            store: Store::open(&root)?,
+            root,
+        })
     }
 
     /// The store, for reading its images and metadata.
@@ -441,9 +498,9 @@ impl ChunkSource for StoreSource {
         // No hashing here: the fetcher verifies every answer anyway.
         match std::fs::read(self.store.chunk_path(id)) {
             Ok(data) => Ok(data),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                Err(NodeError::Missing { what: chunk_what(id) })
-            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(NodeError::Missing {
+                what: chunk_what(id),
+            }),
             Err(e) => Err(e.into()),
         }
     }
@@ -462,12 +519,17 @@ mod tests {
     }
 
     fn chunk(seed: u8, len: usize) -> (ChunkId, Vec<u8>) {
-        let data: Vec<u8> = (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect();
+        let data: Vec<u8> = (0..len)
+            .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+            .collect();
         (ChunkId::of(&data), data)
     }
 
     fn policy(ms: u64) -> FetchPolicy {
-        FetchPolicy { timeout: Duration::from_millis(ms), down_for: Duration::from_secs(60) }
+        FetchPolicy {
+            timeout: Duration::from_millis(ms),
+            down_for: Duration::from_secs(60),
+        }
     }
 
     /// A source that counts requests, optionally sleeps, and answers from a map (possibly
@@ -503,7 +565,9 @@ mod tests {
                 .chunks
                 .get(id)
                 .cloned()
-                .ok_or_else(|| NodeError::Missing { what: "chunk".into() })?;
+                .ok_or_else(|| NodeError::Missing {
+                    what: "chunk".into(),
+                })?;
             if self.corrupt {
                 data[0] ^= 0xff;
             }
@@ -547,7 +611,11 @@ mod tests {
                 assert_eq!(*got, data);
             }
         });
-        assert_eq!(fake.calls.load(Ordering::SeqCst), 1, "one fetch for 16 readers");
+        assert_eq!(
+            fake.calls.load(Ordering::SeqCst),
+            1,
+            "one fetch for 16 readers"
+        );
         let stats = f.stats();
         assert_eq!(stats.fetched, 1);
         assert_eq!(stats.joined + stats.local, 15);
@@ -564,13 +632,20 @@ mod tests {
         let mut bad = Fake::new("bad", &[(id, data.clone()), (id2, data2.clone())]);
         bad.corrupt = true;
         let bad = Arc::new(bad);
-        let good = Arc::new(Fake::new("good", &[(id, data.clone()), (id2, data2.clone())]));
+        let good = Arc::new(Fake::new(
+            "good",
+            &[(id, data.clone()), (id2, data2.clone())],
+        ));
         let f = Fetcher::new(store.clone(), vec![bad.clone(), good.clone()], policy(2000));
         assert_eq!(*f.get(&id, 1000)?, data);
         assert_eq!(bad.calls.load(Ordering::SeqCst), 1);
         assert_eq!(good.calls.load(Ordering::SeqCst), 1);
         assert_eq!(f.stats().corrupt, 1);
-        assert_eq!(store.read_chunk(&id)?, data, "only the verified bytes are stored");
+        assert_eq!(
+            store.read_chunk(&id)?,
+            data,
+            "only the verified bytes are stored"
+        );
 
         // Marked down: the good source is asked first now.
         assert_eq!(*f.get(&id2, 1000)?, data2);
@@ -599,9 +674,15 @@ mod tests {
             Err(e) => e.to_string(),
         };
         let took = started.elapsed();
-        assert!(took < Duration::from_millis(1500), "bounded wait, took {took:?}");
+        assert!(
+            took < Duration::from_millis(1500),
+            "bounded wait, took {took:?}"
+        );
         assert!(err.contains(&id.to_hex()), "{err}");
-        assert!(err.contains("corrupt: answered bytes that do not match"), "{err}");
+        assert!(
+            err.contains("corrupt: answered bytes that do not match"),
+            "{err}"
+        );
         assert!(err.contains("empty: does not have it"), "{err}");
         assert!(err.contains("stuck: no answer within"), "{err}");
         assert!(!store.has_chunk(&id, 1000));
@@ -648,7 +729,11 @@ mod tests {
         assert!(!f.ensure_local(&id, 20_000)?, "second time it is local");
         assert_eq!(b.read_chunk(&id)?, data);
         let missing = ChunkId::of(b"nobody has this");
-        let err = f.get(&missing, 15).err().map(|e| e.to_string()).unwrap_or_default();
+        let err = f
+            .get(&missing, 15)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
         assert!(err.contains("does not have it"), "{err}");
         Ok(())
     }

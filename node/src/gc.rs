@@ -27,7 +27,9 @@ pub struct GcReport {
 /// Collects garbage. With `wait == false` and another `fd` process writing to the store,
 /// returns `Ok(None)` instead of waiting for it.
 pub fn collect(store: &Store, wait: bool) -> Result<Option<GcReport>> {
-    let Some(_lock) = store.exclusive_lock(wait)? else { return Ok(None) };
+    let Some(_lock) = store.exclusive_lock(wait)? else {
+        return Ok(None);
+    };
     let mut report = GcReport::default();
 
     // Mark: blob keys and layers reachable from images.

@@ -51,7 +51,11 @@ impl ImageImport {
     /// Starts an import; waits while a gc holds the store.
     pub fn begin(store: Arc<Store>) -> Result<Self> {
         let lock = Arc::new(store.writer_lock()?);
-        Ok(ImageImport { store, limits: Limits::default(), _lock: lock })
+        Ok(ImageImport {
+            store,
+            limits: Limits::default(),
+            _lock: lock,
+        })
     }
 
     pub fn store(&self) -> &Store {
@@ -60,7 +64,9 @@ impl ImageImport {
 
     /// True when the blob and, for a layer, its file view are already stored: nothing to fetch.
     pub fn has_layer(&self, digest: &str) -> Result<bool> {
-        let Some(layer) = self.store.layer(digest)? else { return Ok(false) };
+        let Some(layer) = self.store.layer(digest)? else {
+            return Ok(false);
+        };
         Ok(self.store.has_blob(digest)? && self.store.has_blob(&layer.index_key)?)
     }
 
@@ -73,9 +79,19 @@ impl ImageImport {
 
     /// Stores the exact bytes of a blob file as its blob view, checking digest and size as it
     /// streams. On mismatch nothing is recorded.
-    pub fn put_blob_file(&self, digest: &str, size: u64, media_type: &str, path: &Path) -> Result<()> {
+    pub fn put_blob_file(
+        &self,
+        digest: &str,
+        size: u64,
+        media_type: &str,
+        path: &Path,
+    ) -> Result<()> {
         let file = fs_err::File::open(path)?;
-        let mut hashing = HashingReader { inner: file, hasher: sha2::Sha256::new(), count: 0 };
+        let mut hashing = HashingReader {
+            inner: file,
+            hasher: sha2::Sha256::new(),
+            count: 0,
+        };
         let recipe = self.store.write_chunks(&mut hashing)?;
         let computed = format!("sha256:{}", hex::encode(hashing.hasher.finalize()));
         if computed != digest {
@@ -86,7 +102,11 @@ impl ImageImport {
             });
         }
         if hashing.count != size {
-            return Err(NodeError::SizeMismatch { what: format!("blob {digest}"), expected: size, got: hashing.count });
+            return Err(NodeError::SizeMismatch {
+                what: format!("blob {digest}"),
+                expected: size,
+                got: hashing.count,
+            });
         }
         self.store.record_blob(digest, media_type, &recipe)
     }
@@ -110,7 +130,9 @@ impl ImageImport {
                 computed: layer.diff_id,
             });
         }
-        let index_key = self.store.put_object(LAYER_INDEX_MEDIA_TYPE, &index::encode(&layer.index)?)?;
+        let index_key = self
+            .store
+            .put_object(LAYER_INDEX_MEDIA_TYPE, &index::encode(&layer.index)?)?;
         let record = LayerRecord {
             digest: digest.to_string(),
             diff_id: layer.diff_id,
@@ -129,20 +151,30 @@ impl ImageImport {
             let layer = self
                 .store
                 .layer(digest)?
-                .ok_or_else(|| NodeError::Missing { what: format!("file view of layer {digest}") })?;
+                .ok_or_else(|| NodeError::Missing {
+                    what: format!("file view of layer {digest}"),
+                })?;
             let bytes = self.store.read_blob(&layer.index_key)?;
             layer_indexes.push((digest.clone(), index::decode(&layer.index_key, &bytes)?));
         }
-        for key in [Some(&meta.manifest_digest), Some(&meta.config_digest), meta.index_digest.as_ref()]
-            .into_iter()
-            .flatten()
+        for key in [
+            Some(&meta.manifest_digest),
+            Some(&meta.config_digest),
+            meta.index_digest.as_ref(),
+        ]
+        .into_iter()
+        .flatten()
         {
             if !self.store.has_blob(key)? {
-                return Err(NodeError::Missing { what: format!("blob {key}") });
+                return Err(NodeError::Missing {
+                    what: format!("blob {key}"),
+                });
             }
         }
         let merged = index::merge_layers(layer_indexes.iter().map(|(d, l)| (d.as_str(), l)))?;
-        let file_index = self.store.put_object(FILE_INDEX_MEDIA_TYPE, &index::encode(&merged)?)?;
+        let file_index = self
+            .store
+            .put_object(FILE_INDEX_MEDIA_TYPE, &index::encode(&merged)?)?;
 
         let record = ImageRecord {
             reference: meta.reference,
@@ -171,7 +203,11 @@ pub fn load_file_index(store: &Store, image: &ImageRecord) -> Result<index::File
 fn check_digest(what: &str, digest: &str, bytes: &[u8]) -> Result<()> {
     let computed = crate::store::digest_of(digest, bytes);
     if computed != digest {
-        return Err(NodeError::DigestMismatch { what: what.into(), expected: digest.into(), computed });
+        return Err(NodeError::DigestMismatch {
+            what: what.into(),
+            expected: digest.into(),
+            computed,
+        });
     }
     Ok(())
 }

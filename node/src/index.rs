@@ -91,7 +91,10 @@ impl Entry {
 pub enum LayerOp {
     Put(Entry),
     /// `path` becomes another name of the inode at `target` (both absolute).
-    Hardlink { path: Vec<u8>, target: Vec<u8> },
+    Hardlink {
+        path: Vec<u8>,
+        target: Vec<u8>,
+    },
     /// Removes `path` (and everything under it) from the layers below.
     Whiteout(Vec<u8>),
     /// Hides everything the layers below have under this directory.
@@ -113,7 +116,10 @@ pub struct FileIndex {
 impl FileIndex {
     /// The entry at `path`, by binary search.
     pub fn get(&self, path: &[u8]) -> Option<&Entry> {
-        self.entries.binary_search_by(|e| e.path.as_slice().cmp(path)).ok().map(|i| &self.entries[i])
+        self.entries
+            .binary_search_by(|e| e.path.as_slice().cmp(path))
+            .ok()
+            .map(|i| &self.entries[i])
     }
 
     /// Bytes of file contents, counting each hardlinked inode once.
@@ -128,14 +134,19 @@ impl FileIndex {
 
     /// Distinct chunks the files use.
     pub fn distinct_chunks(&self) -> HashSet<ChunkRef> {
-        self.entries.iter().flat_map(|e| e.chunks.iter().copied()).collect()
+        self.entries
+            .iter()
+            .flat_map(|e| e.chunks.iter().copied())
+            .collect()
     }
 }
 
 /// Serialises an index compactly: postcard, then zstd.
 pub fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>> {
-    let raw = postcard::to_stdvec(value)
-        .map_err(|e| NodeError::Decode { what: "index".into(), reason: e.to_string() })?;
+    let raw = postcard::to_stdvec(value).map_err(|e| NodeError::Decode {
+        what: "index".into(),
+        reason: e.to_string(),
+    })?;
     Ok(zstd::bulk::compress(&raw, 3)?)
 }
 
@@ -143,9 +154,14 @@ pub fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>> {
 pub fn decode<T: for<'de> Deserialize<'de>>(what: &str, bytes: &[u8]) -> Result<T> {
     /// A merged index of a very large image is tens of MiB; anything past this is damage.
     const LIMIT: usize = 1 << 30;
-    let raw = zstd::bulk::decompress(bytes, LIMIT)
-        .map_err(|e| NodeError::Decode { what: what.into(), reason: e.to_string() })?;
-    postcard::from_bytes(&raw).map_err(|e| NodeError::Decode { what: what.into(), reason: e.to_string() })
+    let raw = zstd::bulk::decompress(bytes, LIMIT).map_err(|e| NodeError::Decode {
+        what: what.into(),
+        reason: e.to_string(),
+    })?;
+    postcard::from_bytes(&raw).map_err(|e| NodeError::Decode {
+        what: what.into(),
+        reason: e.to_string(),
+    })
 }
 
 /// Applies layers, lowest first, and returns the final tree.
@@ -155,7 +171,9 @@ pub fn decode<T: for<'de> Deserialize<'de>>(what: &str, bytes: &[u8]) -> Result<
 /// directory's contents; a directory over a directory keeps the contents and takes the new
 /// metadata; parents a layer implies are created as plain directories; a path whose parent is a
 /// symlink lands where the symlink points, resolved inside the image root.
-pub fn merge_layers<'a>(layers: impl IntoIterator<Item = (&'a str, &'a LayerIndex)>) -> Result<FileIndex> {
+pub fn merge_layers<'a>(
+    layers: impl IntoIterator<Item = (&'a str, &'a LayerIndex)>,
+) -> Result<FileIndex> {
     let mut tree = Tree::default();
     for (layer, index) in layers {
         tree.apply(layer, index)?;
@@ -221,7 +239,9 @@ impl Tree {
     }
 
     fn ensure_root(&mut self) {
-        self.map.entry(b"/".to_vec()).or_insert_with(|| Entry::implied_dir(b"/".to_vec()));
+        self.map
+            .entry(b"/".to_vec())
+            .or_insert_with(|| Entry::implied_dir(b"/".to_vec()));
     }
 
     fn insert(&mut self, entry: Entry) {
@@ -232,7 +252,10 @@ impl Tree {
             return;
         }
         self.ensure_parents(&entry.path);
-        let replaces_dir = self.map.get(&entry.path).is_some_and(|old| old.kind == Kind::Dir);
+        let replaces_dir = self
+            .map
+            .get(&entry.path)
+            .is_some_and(|old| old.kind == Kind::Dir);
         if replaces_dir && entry.kind != Kind::Dir {
             self.remove_children(&entry.path);
         }
@@ -247,7 +270,8 @@ impl Tree {
             if needs_dir {
                 // A non-directory in the way of a path is replaced, as tar extraction does.
                 self.remove_children(parent);
-                self.map.insert(parent.to_vec(), Entry::implied_dir(parent.to_vec()));
+                self.map
+                    .insert(parent.to_vec(), Entry::implied_dir(parent.to_vec()));
             }
             end += pos + 1;
         }
@@ -281,8 +305,12 @@ impl Tree {
             return Ok(path.to_vec());
         }
         let mut resolved: Vec<Vec<u8>> = Vec::new();
-        let mut pending: Vec<Vec<u8>> =
-            parent.split(|&b| b == b'/').filter(|c| !c.is_empty()).rev().map(<[u8]>::to_vec).collect();
+        let mut pending: Vec<Vec<u8>> = parent
+            .split(|&b| b == b'/')
+            .filter(|c| !c.is_empty())
+            .rev()
+            .map(<[u8]>::to_vec)
+            .collect();
         let mut hops = 0;
         while let Some(comp) = pending.pop() {
             if comp == b"." {
@@ -297,14 +325,22 @@ impl Tree {
             if let Some(e) = self.map.get(&here).filter(|e| e.kind == Kind::Symlink) {
                 hops += 1;
                 if hops > MAX_HOPS {
-                    return Err(hostile(layer, path.to_vec(), "too many levels of symbolic links"));
+                    return Err(hostile(
+                        layer,
+                        path.to_vec(),
+                        "too many levels of symbolic links",
+                    ));
                 }
                 resolved.pop();
                 if e.target.starts_with(b"/") {
                     resolved.clear();
                 }
                 pending.extend(
-                    e.target.split(|&b| b == b'/').filter(|c| !c.is_empty()).rev().map(<[u8]>::to_vec),
+                    e.target
+                        .split(|&b| b == b'/')
+                        .filter(|c| !c.is_empty())
+                        .rev()
+                        .map(<[u8]>::to_vec),
                 );
             }
         }
@@ -386,9 +422,14 @@ mod tests {
 
     #[test]
     fn merge_whiteout_removes_lower_file_and_dir_contents() -> Result<()> {
-        let lower = LayerIndex { ops: vec![dir("/a"), file("/a/x", 1), file("/a/y", 2), file("/b", 3)] };
+        let lower = LayerIndex {
+            ops: vec![dir("/a"), file("/a/x", 1), file("/a/y", 2), file("/b", 3)],
+        };
         let upper = LayerIndex {
-            ops: vec![LayerOp::Whiteout(b"/a".to_vec()), LayerOp::Whiteout(b"/b".to_vec())],
+            ops: vec![
+                LayerOp::Whiteout(b"/a".to_vec()),
+                LayerOp::Whiteout(b"/b".to_vec()),
+            ],
         };
         assert_eq!(paths(&merge(&[lower, upper])?), vec!["/"]);
         Ok(())
@@ -396,9 +437,15 @@ mod tests {
 
     #[test]
     fn merge_opaque_hides_lower_children_but_keeps_same_layer_ones() -> Result<()> {
-        let lower = LayerIndex { ops: vec![dir("/d"), file("/d/old", 1)] };
+        let lower = LayerIndex {
+            ops: vec![dir("/d"), file("/d/old", 1)],
+        };
         let upper = LayerIndex {
-            ops: vec![dir("/d"), file("/d/new", 2), LayerOp::Opaque(b"/d".to_vec())],
+            ops: vec![
+                dir("/d"),
+                file("/d/new", 2),
+                LayerOp::Opaque(b"/d".to_vec()),
+            ],
         };
         assert_eq!(paths(&merge(&[lower, upper])?), vec!["/", "/d", "/d/new"]);
         Ok(())
@@ -406,8 +453,12 @@ mod tests {
 
     #[test]
     fn merge_file_replacing_dir_drops_its_children() -> Result<()> {
-        let lower = LayerIndex { ops: vec![dir("/d"), file("/d/x", 1)] };
-        let upper = LayerIndex { ops: vec![file("/d", 2)] };
+        let lower = LayerIndex {
+            ops: vec![dir("/d"), file("/d/x", 1)],
+        };
+        let upper = LayerIndex {
+            ops: vec![file("/d", 2)],
+        };
         let merged = merge(&[lower, upper])?;
         assert_eq!(paths(&merged), vec!["/", "/d"]);
         assert_eq!(merged.get(b"/d").map(|e| e.kind), Some(Kind::File));
@@ -419,17 +470,33 @@ mod tests {
         let l = LayerIndex {
             ops: vec![
                 file("/a", 5),
-                LayerOp::Hardlink { path: b"/b".to_vec(), target: b"/a".to_vec() },
-                LayerOp::Hardlink { path: b"/c/d".to_vec(), target: b"/a".to_vec() },
+                LayerOp::Hardlink {
+                    path: b"/b".to_vec(),
+                    target: b"/a".to_vec(),
+                },
+                LayerOp::Hardlink {
+                    path: b"/c/d".to_vec(),
+                    target: b"/a".to_vec(),
+                },
                 file("/single", 1),
             ],
         };
         let m = merge(&[l])?;
         let (a, b, d) = (m.get(b"/a"), m.get(b"/b"), m.get(b"/c/d"));
-        let groups: Vec<u32> = [a, b, d].iter().map(|e| e.map_or(0, |e| e.link_group)).collect();
+        let groups: Vec<u32> = [a, b, d]
+            .iter()
+            .map(|e| e.map_or(0, |e| e.link_group))
+            .collect();
         assert!(groups[0] != 0 && groups.iter().all(|g| *g == groups[0]));
-        assert!([a, b, d].iter().all(|e| e.is_some_and(|e| e.nlink == 3 && e.size == 5)));
-        assert_eq!(m.get(b"/single").map(|e| (e.link_group, e.nlink)), Some((0, 1)));
+        assert!(
+            [a, b, d]
+                .iter()
+                .all(|e| e.is_some_and(|e| e.nlink == 3 && e.size == 5))
+        );
+        assert_eq!(
+            m.get(b"/single").map(|e| (e.link_group, e.nlink)),
+            Some((0, 1))
+        );
         Ok(())
     }
 
@@ -438,29 +505,54 @@ mod tests {
         let lower = LayerIndex {
             ops: vec![
                 file("/a", 5),
-                LayerOp::Hardlink { path: b"/b".to_vec(), target: b"/a".to_vec() },
-                LayerOp::Hardlink { path: b"/c".to_vec(), target: b"/a".to_vec() },
+                LayerOp::Hardlink {
+                    path: b"/b".to_vec(),
+                    target: b"/a".to_vec(),
+                },
+                LayerOp::Hardlink {
+                    path: b"/c".to_vec(),
+                    target: b"/a".to_vec(),
+                },
             ],
         };
-        let upper = LayerIndex { ops: vec![file("/c", 9)] };
+        let upper = LayerIndex {
+            ops: vec![file("/c", 9)],
+        };
         let m = merge(&[lower, upper])?;
         assert_eq!(m.get(b"/a").map(|e| e.nlink), Some(2));
-        assert_eq!(m.get(b"/c").map(|e| (e.nlink, e.link_group, e.size)), Some((1, 0, 9)));
+        assert_eq!(
+            m.get(b"/c").map(|e| (e.nlink, e.link_group, e.size)),
+            Some((1, 0, 9))
+        );
         Ok(())
     }
 
     #[test]
     fn merge_hardlink_to_missing_target_is_rejected() {
-        let l = LayerIndex { ops: vec![LayerOp::Hardlink { path: b"/b".to_vec(), target: b"/nope".to_vec() }] };
+        let l = LayerIndex {
+            ops: vec![LayerOp::Hardlink {
+                path: b"/b".to_vec(),
+                target: b"/nope".to_vec(),
+            }],
+        };
         let err = merge(&[l]).err().map(|e| e.to_string()).unwrap_or_default();
-        assert!(err.contains("/b") && err.contains("hardlink target does not exist"), "{err}");
+        assert!(
+            err.contains("/b") && err.contains("hardlink target does not exist"),
+            "{err}"
+        );
     }
 
     #[test]
     fn merge_follows_parent_symlinks_inside_the_root() -> Result<()> {
-        let lower = LayerIndex { ops: vec![dir("/usr"), dir("/usr/bin"), symlink("/bin", "usr/bin")] };
+        let lower = LayerIndex {
+            ops: vec![dir("/usr"), dir("/usr/bin"), symlink("/bin", "usr/bin")],
+        };
         let upper = LayerIndex {
-            ops: vec![file("/bin/tool", 1), symlink("/esc", "../../../etc"), file("/esc/x", 2)],
+            ops: vec![
+                file("/bin/tool", 1),
+                symlink("/esc", "../../../etc"),
+                file("/esc/x", 2),
+            ],
         };
         let m = merge(&[lower, upper])?;
         assert!(m.get(b"/usr/bin/tool").is_some());
@@ -472,16 +564,23 @@ mod tests {
 
     #[test]
     fn merge_implies_missing_parent_dirs() -> Result<()> {
-        let l = LayerIndex { ops: vec![file("/a/b/c", 1)] };
+        let l = LayerIndex {
+            ops: vec![file("/a/b/c", 1)],
+        };
         let m = merge(&[l])?;
         assert_eq!(paths(&m), vec!["/", "/a", "/a/b", "/a/b/c"]);
-        assert_eq!(m.get(b"/a").map(|e| (e.kind, e.mode)), Some((Kind::Dir, 0o755)));
+        assert_eq!(
+            m.get(b"/a").map(|e| (e.kind, e.mode)),
+            Some((Kind::Dir, 0o755))
+        );
         Ok(())
     }
 
     #[test]
     fn index_encoding_round_trips() -> Result<()> {
-        let l = LayerIndex { ops: vec![file("/a", 1), LayerOp::Whiteout(b"/x\xff".to_vec())] };
+        let l = LayerIndex {
+            ops: vec![file("/a", 1), LayerOp::Whiteout(b"/x\xff".to_vec())],
+        };
         let back: LayerIndex = decode("test", &encode(&l)?)?;
         assert_eq!(back, l);
         Ok(())

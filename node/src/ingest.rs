@@ -40,7 +40,10 @@ impl Default for Limits {
     /// changed with `FD_MAX_LAYER_BYTES` and `FD_MAX_HEADER_BYTES`.
     fn default() -> Self {
         let env = |name: &str, default: u64| {
-            std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+            std::env::var(name)
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(default)
         };
         Limits {
             max_unpacked: env("FD_MAX_LAYER_BYTES", 256 << 30),
@@ -76,7 +79,12 @@ pub fn ingest_layer<'r>(
             zstd::stream::read::Decoder::new(compressed).map_err(|e| bad(layer, "zstd", e))?,
         ),
     };
-    let guard = Guard { inner: decompressed, state: state.clone(), limits, hasher: sha2::Sha256::new() };
+    let guard = Guard {
+        inner: decompressed,
+        state: state.clone(),
+        limits,
+        hasher: sha2::Sha256::new(),
+    };
     let mut archive = tar::Archive::new(guard);
     let mut index = LayerIndex::default();
     let mut files = 0u64;
@@ -84,23 +92,26 @@ pub fn ingest_layer<'r>(
 
     let result = (|| -> Result<()> {
         state.expect_header(limits.max_header);
-        let entries = archive.entries().map_err(|e| bad(layer, "reading tar", e))?;
+        let entries = archive
+            .entries()
+            .map_err(|e| bad(layer, "reading tar", e))?;
         for entry in entries {
             let mut entry = entry.map_err(|e| state.explain(layer, &previous, e))?;
             let header_bytes = state.expect_data();
-            let pax = pax::records_before_entry(&header_bytes, state.header_start.get())
-                .map_err(|reason| NodeError::HostileEntry {
+            let pax = pax::records_before_entry(&header_bytes, state.header_start.get()).map_err(
+                |reason| NodeError::HostileEntry {
                     layer: layer.to_string(),
                     entry: format!("after {previous}"),
                     reason: reason.to_string(),
-                })?;
+                },
+            )?;
             let raw_path = match pax.get(b"path".as_slice()) {
                 Some(p) => p.clone(),
                 None => entry.path_bytes().into_owned(),
             };
             previous = String::from_utf8_lossy(&raw_path).into_owned();
-            let op = read_entry(store, layer, &raw_path, &pax, &mut entry)
-                .map_err(|e| match e {
+            let op =
+                read_entry(store, layer, &raw_path, &pax, &mut entry).map_err(|e| match e {
                     NodeError::Io(io) => state.explain(layer, &previous, io),
                     e => e,
                 })?;
@@ -109,7 +120,13 @@ pub fn ingest_layer<'r>(
             std::io::copy(&mut entry, &mut std::io::sink())
                 .map_err(|e| state.explain(layer, &previous, e))?;
             if let Some(op) = op {
-                if matches!(op, LayerOp::Put(Entry { kind: Kind::File, .. }) | LayerOp::Hardlink { .. }) {
+                if matches!(
+                    op,
+                    LayerOp::Put(Entry {
+                        kind: Kind::File,
+                        ..
+                    }) | LayerOp::Hardlink { .. }
+                ) {
                     files += 1;
                 }
                 index.ops.push(op);
@@ -124,9 +141,15 @@ pub fn ingest_layer<'r>(
     // and any padding after them.
     let mut guard = archive.into_inner();
     let _ = state.expect_data();
-    std::io::copy(&mut guard, &mut std::io::sink()).map_err(|e| state.explain(layer, &previous, e))?;
+    std::io::copy(&mut guard, &mut std::io::sink())
+        .map_err(|e| state.explain(layer, &previous, e))?;
     let diff_id = format!("sha256:{}", hex::encode(guard.hasher.finalize()));
-    Ok(IngestedLayer { index, diff_id, files, unpacked: state.pos.get() })
+    Ok(IngestedLayer {
+        index,
+        diff_id,
+        files,
+        unpacked: state.pos.get(),
+    })
 }
 
 /// Turns one tar entry into a layer operation; `None` for entries that carry no file.
@@ -166,8 +189,10 @@ fn read_entry<R: Read>(
     let header = entry.header();
     let mut e = Entry::implied_dir(path.clone());
     e.mode = header.mode().map_err(header_err)? & 0o7777;
-    e.uid = u32::try_from(header.uid().map_err(header_err)?).map_err(|_| reject("uid over 32 bits"))?;
-    e.gid = u32::try_from(header.gid().map_err(header_err)?).map_err(|_| reject("gid over 32 bits"))?;
+    e.uid =
+        u32::try_from(header.uid().map_err(header_err)?).map_err(|_| reject("uid over 32 bits"))?;
+    e.gid =
+        u32::try_from(header.gid().map_err(header_err)?).map_err(|_| reject("gid over 32 bits"))?;
     e.mtime = i64::try_from(header.mtime().map_err(header_err)?).unwrap_or(i64::MAX);
 
     // PAX records: exact mtime, numeric ids past the header's range, and xattrs.
@@ -185,7 +210,9 @@ fn read_entry<R: Read>(
             } else if key == b"gid" {
                 e.gid = parse_pax_u32(value).ok_or_else(|| reject("bad PAX gid"))?;
             } else if key.starts_with(b"GNU.sparse.") {
-                return Err(reject("PAX sparse files are not supported; use GNU sparse headers"));
+                return Err(reject(
+                    "PAX sparse files are not supported; use GNU sparse headers",
+                ));
             }
         }
     }
@@ -220,19 +247,37 @@ fn read_entry<R: Read>(
             }
         }
         t if t.is_hard_link() => {
-            let target = normalize(&link_name()?).map_err(|r| reject(&format!("hardlink target: {r}")))?;
+            let target =
+                normalize(&link_name()?).map_err(|r| reject(&format!("hardlink target: {r}")))?;
             if target == path {
                 return Err(reject("hardlink to itself"));
             }
             return Ok(Some(LayerOp::Hardlink { path, target }));
         }
         t if t.is_character_special() || t.is_block_special() => {
-            e.kind = if t.is_character_special() { Kind::Char } else { Kind::Block };
-            e.rdev_major = entry.header().device_major().map_err(header_err)?.unwrap_or(0);
-            e.rdev_minor = entry.header().device_minor().map_err(header_err)?.unwrap_or(0);
+            e.kind = if t.is_character_special() {
+                Kind::Char
+            } else {
+                Kind::Block
+            };
+            e.rdev_major = entry
+                .header()
+                .device_major()
+                .map_err(header_err)?
+                .unwrap_or(0);
+            e.rdev_minor = entry
+                .header()
+                .device_minor()
+                .map_err(header_err)?
+                .unwrap_or(0);
         }
         t if t.is_fifo() => e.kind = Kind::Fifo,
-        t => return Err(reject(&format!("unsupported tar entry type {:?}", t.as_byte() as char))),
+        t => {
+            return Err(reject(&format!(
+                "unsupported tar entry type {:?}",
+                t.as_byte() as char
+            )));
+        }
     }
     Ok(Some(LayerOp::Put(e)))
 }
@@ -317,7 +362,10 @@ fn parse_pax_u32(v: &[u8]) -> Option<u32> {
 }
 
 fn bad(layer: &str, what: &str, e: impl std::fmt::Display) -> NodeError {
-    NodeError::BadLayer { layer: layer.to_string(), reason: format!("{what}: {e}") }
+    NodeError::BadLayer {
+        layer: layer.to_string(),
+        reason: format!("{what}: {e}"),
+    }
 }
 
 /// Shared between the ingest loop and the reader under the tar parser: the loop says whether
@@ -358,7 +406,9 @@ impl GuardState {
         if self.bomb.get() {
             return NodeError::BadLayer {
                 layer: layer.to_string(),
-                reason: format!("decompression bomb: expands past the limit (near entry {previous:?}); raise FD_MAX_LAYER_BYTES if it is genuine"),
+                reason: format!(
+                    "decompression bomb: expands past the limit (near entry {previous:?}); raise FD_MAX_LAYER_BYTES if it is genuine"
+                ),
             };
         }
         if self.header_overflow.get() {
@@ -385,19 +435,30 @@ impl Read for Guard<'_> {
         let limit = self.state.limit.get();
         if pos >= limit {
             self.state.header_overflow.set(true);
-            return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "oversized tar header"));
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "oversized tar header",
+            ));
         }
-        let want = buf.len().min(usize::try_from(limit - pos).unwrap_or(usize::MAX));
+        let want = buf
+            .len()
+            .min(usize::try_from(limit - pos).unwrap_or(usize::MAX));
         let n = self.inner.read(&mut buf[..want])?;
         let pos = pos + n as u64;
         if pos > self.limits.max_unpacked {
             self.state.bomb.set(true);
-            return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "layer too large"));
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "layer too large",
+            ));
         }
         self.state.pos.set(pos);
         self.hasher.update(&buf[..n]);
         if self.state.capturing.get() {
-            self.state.captured.borrow_mut().extend_from_slice(&buf[..n]);
+            self.state
+                .captured
+                .borrow_mut()
+                .extend_from_slice(&buf[..n]);
         }
         Ok(n)
     }
@@ -427,7 +488,10 @@ mod tests {
 
     #[test]
     fn pax_time_parses_fractions() {
-        assert_eq!(parse_pax_time(b"1700000000.5"), Some((1_700_000_000, 500_000_000)));
+        assert_eq!(
+            parse_pax_time(b"1700000000.5"),
+            Some((1_700_000_000, 500_000_000))
+        );
         assert_eq!(parse_pax_time(b"12"), Some((12, 0)));
         assert_eq!(parse_pax_time(b"x"), None);
     }

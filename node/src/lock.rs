@@ -21,7 +21,11 @@ pub struct FileLock {
 
 impl FileLock {
     fn acquire(path: &Path, op: libc::c_int) -> Result<Option<FileLock>> {
-        let file = fs_err::OpenOptions::new().create(true).truncate(false).write(true).open(path)?;
+        let file = fs_err::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(path)?;
         loop {
             // SAFETY: the descriptor is valid while `file` lives.
             let rc = unsafe { libc::flock(file.as_raw_fd(), op) };
@@ -53,7 +57,11 @@ impl Store {
 
     /// Exclusive store lock for gc. With `wait == false`, returns None when writers are active.
     pub fn exclusive_lock(&self, wait: bool) -> Result<Option<FileLock>> {
-        let op = if wait { libc::LOCK_EX } else { libc::LOCK_EX | libc::LOCK_NB };
+        let op = if wait {
+            libc::LOCK_EX
+        } else {
+            libc::LOCK_EX | libc::LOCK_NB
+        };
         FileLock::acquire(&self.root().join("lock"), op)
     }
 
@@ -69,6 +77,8 @@ impl Store {
     }
 
     fn blob_lock_path(&self, digest: &str) -> std::path::PathBuf {
-        self.root().join("downloads").join(format!("{}.lock", digest.replace(':', "-")))
+        self.root()
+            .join("downloads")
+            .join(format!("{}.lock", digest.replace(':', "-")))
     }
 }

@@ -85,7 +85,10 @@ impl Recipe {
                 id.copy_from_slice(&b[..32]);
                 let mut len = [0u8; 4];
                 len.copy_from_slice(&b[32..]);
-                ChunkRef { id: ChunkId(id), len: u32::from_le_bytes(len) }
+                ChunkRef {
+                    id: ChunkId(id),
+                    len: u32::from_le_bytes(len),
+                }
             })
             .collect();
         Ok(Recipe(chunks))
@@ -184,7 +187,9 @@ impl Store {
     /// A fresh path in the store's temp dir (same file system as the chunks, so renames work).
     pub fn tmp_path(&self, what: &str) -> PathBuf {
         let n = self.tmp_counter.fetch_add(1, Ordering::Relaxed);
-        self.root.join("tmp").join(format!("{what}-{}-{n}", std::process::id()))
+        self.root
+            .join("tmp")
+            .join(format!("{what}-{}-{n}", std::process::id()))
     }
 
     // # Chunks
@@ -240,12 +245,17 @@ impl Store {
         let data = match std::fs::read(&path) {
             Ok(d) => d,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(NodeError::Missing { what: format!("chunk {}", id.short()) });
+                return Err(NodeError::Missing {
+                    what: format!("chunk {}", id.short()),
+                });
             }
             Err(e) => return Err(fs_err_wrap(e, &path)),
         };
         if ChunkId::of(&data) != *id {
-            return Err(NodeError::CorruptChunk { id: id.to_hex(), path });
+            return Err(NodeError::CorruptChunk {
+                id: id.to_hex(),
+                path,
+            });
         }
         Ok(data)
     }
@@ -283,7 +293,10 @@ impl Store {
         for chunk in fd_chunker::chunk_reader(reader, &self.chunker) {
             let chunk = chunk?;
             self.put_chunk(&chunk.id, &chunk.data)?;
-            recipe.push(ChunkRef { id: chunk.id, len: chunk.data.len() as u32 });
+            recipe.push(ChunkRef {
+                id: chunk.id,
+                len: chunk.data.len() as u32,
+            });
         }
         Ok(Recipe(recipe))
     }
@@ -294,7 +307,13 @@ impl Store {
         db.execute(
             "INSERT INTO blobs (key, size, media_type, recipe, added) VALUES (?1, ?2, ?3, ?4, ?5)
              ON CONFLICT(key) DO UPDATE SET added = excluded.added",
-            params![key, recipe.size() as i64, media_type, recipe.encode(), now()],
+            params![
+                key,
+                recipe.size() as i64,
+                media_type,
+                recipe.encode(),
+                now()
+            ],
         )
         .map_err(|e| NodeError::db(&self.db_path, e))?;
         Ok(())
@@ -313,12 +332,15 @@ impl Store {
     pub fn blob(&self, key: &str) -> Result<Option<(Recipe, String)>> {
         let db = self.db()?;
         let row: Option<(Vec<u8>, String)> = db
-            .query_row("SELECT recipe, media_type FROM blobs WHERE key = ?1", [key], |r| {
-                Ok((r.get(0)?, r.get(1)?))
-            })
+            .query_row(
+                "SELECT recipe, media_type FROM blobs WHERE key = ?1",
+                [key],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
             .optional()
             .map_err(|e| NodeError::db(&self.db_path, e))?;
-        row.map(|(r, m)| Ok((Recipe::decode(key, &r)?, m))).transpose()
+        row.map(|(r, m)| Ok((Recipe::decode(key, &r)?, m)))
+            .transpose()
     }
 
     /// True when the blob row exists and every chunk of it is present.
@@ -332,8 +354,9 @@ impl Store {
     /// Reads a whole blob into memory, checking it against its key (sha256 or blake3).
     /// Meant for manifests, configs and indexes; large layers are read with [`Store::open_blob`].
     pub fn read_blob(&self, key: &str) -> Result<Vec<u8>> {
-        let (recipe, _) =
-            self.blob(key)?.ok_or_else(|| NodeError::Missing { what: format!("blob {key}") })?;
+        let (recipe, _) = self.blob(key)?.ok_or_else(|| NodeError::Missing {
+            what: format!("blob {key}"),
+        })?;
         let mut out = Vec::with_capacity(recipe.size() as usize);
         for c in &recipe.0 {
             out.extend_from_slice(&self.read_chunk(&c.id)?);
@@ -351,9 +374,15 @@ impl Store {
 
     /// Streams a blob chunk by chunk; each chunk is checked against its id as it is read.
     pub fn open_blob(&self, key: &str) -> Result<BlobReader<'_>> {
-        let (recipe, _) =
-            self.blob(key)?.ok_or_else(|| NodeError::Missing { what: format!("blob {key}") })?;
-        Ok(BlobReader { store: self, chunks: recipe.0.into_iter(), current: Vec::new(), pos: 0 })
+        let (recipe, _) = self.blob(key)?.ok_or_else(|| NodeError::Missing {
+            what: format!("blob {key}"),
+        })?;
+        Ok(BlobReader {
+            store: self,
+            chunks: recipe.0.into_iter(),
+            current: Vec::new(),
+            pos: 0,
+        })
     }
 
     // # Layers
@@ -382,7 +411,13 @@ impl Store {
         db.execute(
             "INSERT OR REPLACE INTO layers (digest, diff_id, index_key, files, unpacked)
              VALUES (?1, ?2, ?3, ?4, ?5)",
-            params![l.digest, l.diff_id, l.index_key, l.files as i64, l.unpacked as i64],
+            params![
+                l.digest,
+                l.diff_id,
+                l.index_key,
+                l.files as i64,
+                l.unpacked as i64
+            ],
         )
         .map_err(|e| NodeError::db(&self.db_path, e))?;
         Ok(())
@@ -425,7 +460,10 @@ impl Store {
 
     /// The image with exactly this canonical reference.
     pub fn image(&self, reference: &str) -> Result<Option<ImageRecord>> {
-        Ok(self.query_images("reference = ?1", &[&reference])?.into_iter().next())
+        Ok(self
+            .query_images("reference = ?1", &[&reference])?
+            .into_iter()
+            .next())
     }
 
     /// Finds an image by canonical reference or by a prefix (at least 6 hex digits) of its
@@ -452,7 +490,9 @@ impl Store {
                 }
             }
         }
-        Err(NodeError::NoSuchImage { reference: query.to_string() })
+        Err(NodeError::NoSuchImage {
+            reference: query.to_string(),
+        })
     }
 
     /// Removes an image row. Its chunks stay until `fd gc`.
@@ -475,7 +515,9 @@ impl Store {
                     size, blob_size, chunks, pulled
              FROM images WHERE {filter} ORDER BY reference"
         );
-        let mut stmt = db.prepare(&sql).map_err(|e| NodeError::db(&self.db_path, e))?;
+        let mut stmt = db
+            .prepare(&sql)
+            .map_err(|e| NodeError::db(&self.db_path, e))?;
         let rows = stmt
             .query_map(args, |r| {
                 let layers: String = r.get(4)?;
@@ -517,7 +559,9 @@ impl Store {
             .prepare("SELECT key, recipe FROM blobs")
             .map_err(|e| NodeError::db(&self.db_path, e))?;
         let rows = stmt
-            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, Vec<u8>>(1)?)))
+            .query_map([], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, Vec<u8>>(1)?))
+            })
             .map_err(|e| NodeError::db(&self.db_path, e))?;
         let mut out = Vec::new();
         for row in rows {
@@ -551,7 +595,9 @@ impl Store {
 
     pub(crate) fn delete_blob_rows(&self, keys: &[String]) -> Result<()> {
         let mut db = self.db()?;
-        let tx = db.transaction().map_err(|e| NodeError::db(&self.db_path, e))?;
+        let tx = db
+            .transaction()
+            .map_err(|e| NodeError::db(&self.db_path, e))?;
         for k in keys {
             tx.execute("DELETE FROM blobs WHERE key = ?1", [k])
                 .map_err(|e| NodeError::db(&self.db_path, e))?;
@@ -561,7 +607,9 @@ impl Store {
 
     pub(crate) fn delete_layer_rows(&self, digests: &[String]) -> Result<()> {
         let mut db = self.db()?;
-        let tx = db.transaction().map_err(|e| NodeError::db(&self.db_path, e))?;
+        let tx = db
+            .transaction()
+            .map_err(|e| NodeError::db(&self.db_path, e))?;
         for d in digests {
             tx.execute("DELETE FROM layers WHERE digest = ?1", [d])
                 .map_err(|e| NodeError::db(&self.db_path, e))?;
@@ -587,8 +635,13 @@ pub struct BlobReader<'a> {
 impl Read for BlobReader<'_> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         while self.pos == self.current.len() {
-            let Some(next) = self.chunks.next() else { return Ok(0) };
-            self.current = self.store.read_chunk(&next.id).map_err(std::io::Error::other)?;
+            let Some(next) = self.chunks.next() else {
+                return Ok(0);
+            };
+            self.current = self
+                .store
+                .read_chunk(&next.id)
+                .map_err(std::io::Error::other)?;
             self.pos = 0;
         }
         let n = buf.len().min(self.current.len() - self.pos);
@@ -609,9 +662,15 @@ pub fn digest_of(key: &str, bytes: &[u8]) -> String {
 }
 
 pub(crate) fn now() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
 }
 
 fn fs_err_wrap(e: std::io::Error, path: &Path) -> NodeError {
-    NodeError::Io(std::io::Error::new(e.kind(), format!("{}: {e}", path.display())))
+    NodeError::Io(std::io::Error::new(
+        e.kind(),
+        format!("{}: {e}", path.display()),
+    ))
 }

@@ -155,10 +155,10 @@ fn pump(mut from: TcpStream, mut to: TcpStream, shared: &Shared, downstream: boo
             text.push_str(&String::from_utf8_lossy(&buf[..n]));
             while let Some(end) = text.find("\r\n") {
                 let line: String = text.drain(..end + 2).collect();
-                if line.starts_with("GET ") || line.starts_with("HEAD ") {
-                    if let Ok(mut r) = shared.requests.lock() {
-                        r.push(line.trim_end().to_string());
-                    }
+                if (line.starts_with("GET ") || line.starts_with("HEAD "))
+                    && let Ok(mut r) = shared.requests.lock()
+                {
+                    r.push(line.trim_end().to_string());
                 }
             }
         }

@@ -26,7 +26,9 @@ pub(super) fn records_before_entry(bytes: &[u8], start: u64) -> Result<Records, 
         let data_start = at + BLOCK;
         match header[156] {
             b'x' => {
-                let data = bytes.get(data_start..data_start + size).ok_or("truncated PAX header")?;
+                let data = bytes
+                    .get(data_start..data_start + size)
+                    .ok_or("truncated PAX header")?;
                 let parsed = parse(data)?;
                 check_framing_agrees(data, &parsed)?;
                 records.extend(parsed);
@@ -45,7 +47,10 @@ pub(super) fn records_before_entry(bytes: &[u8], start: u64) -> Result<Records, 
 fn parse(mut data: &[u8]) -> Result<Records, &'static str> {
     let mut out = Records::new();
     while !data.is_empty() {
-        let space = data.iter().position(|&b| b == b' ').ok_or("PAX record without length")?;
+        let space = data
+            .iter()
+            .position(|&b| b == b' ')
+            .ok_or("PAX record without length")?;
         let len: usize = std::str::from_utf8(&data[..space])
             .ok()
             .and_then(|s| s.parse().ok())
@@ -54,7 +59,10 @@ fn parse(mut data: &[u8]) -> Result<Records, &'static str> {
             return Err("PAX record length does not match its contents");
         }
         let body = &data[space + 1..len - 1];
-        let eq = body.iter().position(|&b| b == b'=').ok_or("PAX record without '='")?;
+        let eq = body
+            .iter()
+            .position(|&b| b == b'=')
+            .ok_or("PAX record without '='")?;
         out.insert(body[..eq].to_vec(), body[eq + 1..].to_vec());
         data = &data[len..];
     }
@@ -89,7 +97,11 @@ fn header_size(header: &[u8]) -> Option<u64> {
         }
         return Some(v);
     }
-    let digits: Vec<u8> = field.iter().copied().filter(|b| (b'0'..=b'7').contains(b)).collect();
+    let digits: Vec<u8> = field
+        .iter()
+        .copied()
+        .filter(|b| (b'0'..=b'7').contains(b))
+        .collect();
     if digits.is_empty() {
         return Some(0);
     }
@@ -119,8 +131,16 @@ mod tests {
         let mut data = record(b"SCHILY.xattr.user.bin", b"a\nb\x00\xff");
         data.extend(record(b"path", b"x/y"));
         let parsed = parse(&data)?;
-        assert_eq!(parsed.get(b"SCHILY.xattr.user.bin".as_slice()).map(Vec::as_slice), Some(&b"a\nb\x00\xff"[..]));
-        assert_eq!(parsed.get(b"path".as_slice()).map(Vec::as_slice), Some(&b"x/y"[..]));
+        assert_eq!(
+            parsed
+                .get(b"SCHILY.xattr.user.bin".as_slice())
+                .map(Vec::as_slice),
+            Some(&b"a\nb\x00\xff"[..])
+        );
+        assert_eq!(
+            parsed.get(b"path".as_slice()).map(Vec::as_slice),
+            Some(&b"x/y"[..])
+        );
         Ok(())
     }
 
