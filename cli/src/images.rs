@@ -193,19 +193,55 @@ pub(crate) fn inspect(args: InspectArgs) -> Result<()> {
 
 pub(crate) fn rmi(args: RmiArgs) -> Result<()> {
     let store = open_store()?;
+    // Every argument is tried, so one typo does not leave the others in place.
+    let mut failures = Vec::new();
     for query in &args.references {
-        let img = find(&store, query)?;
-        store.remove_image(&img.reference)?;
-        output::status(
-            "Removed",
-            format_args!(
-                "{} ({})",
-                img.reference,
-                output::short_digest(&img.manifest_digest)
+        match remove_one(&store, query) {
+            Ok(img) => output::status(
+                "Removed",
+                format_args!(
+                    "{} ({})",
+                    img.reference,
+                    output::short_digest(&img.manifest_digest)
+                ),
             ),
-        );
+            Err(err) => {
+                output::error(&err);
+                failures.push(query.as_str());
+            }
+        }
+    }
+    if !failures.is_empty() {
+        anyhow::bail!("could not remove {}", failures.join(", "));
     }
     Ok(())
+}
+
+fn remove_one(store: &Store, query: &str) -> Result<ImageRecord> {
+    let img = find(store, query)?;
+    // A digest names an image, not a tag: when several tags share it, removing one of them
+    // at random would surprise, so the user names the tags instead.
+    let by_digest = img
+        .manifest_digest
+        .trim_start_matches("sha256:")
+        .starts_with(query.trim_start_matches("sha256:"));
+    if by_digest {
+        let tags: Vec<String> = store
+            .images()?
+            .into_iter()
+            .filter(|i| i.manifest_digest == img.manifest_digest)
+            .map(|i| i.reference)
+            .collect();
+        if tags.len() > 1 {
+            anyhow::bail!(
+                "{query} is the digest of {} tagged images ({}); remove them by name",
+                tags.len(),
+                tags.join(", ")
+            );
+        }
+    }
+    store.remove_image(&img.reference)?;
+    Ok(img)
 }
 
 pub(crate) fn gc(args: GcArgs) -> Result<()> {

@@ -30,8 +30,13 @@ pub(crate) struct LoadArgs {
 pub(crate) fn run(args: LoadArgs) -> Result<()> {
     let started = Instant::now();
     let store = Arc::new(Store::open_default().context("opening the store")?);
-    let meta = fs_err::metadata(&args.path)
-        .with_context(|| "fd load takes an OCI layout directory or an image archive (.tar)")?;
+    let meta = match std::fs::metadata(&args.path) {
+        Ok(meta) => meta,
+        Err(e) => bail!(
+            "{}: {e}; fd load takes an OCI layout directory or an image archive (.tar)",
+            args.path.display()
+        ),
+    };
 
     // A tar is unpacked into the store's temp dir first; it is removed whatever happens.
     let _cleanup;
@@ -42,9 +47,15 @@ pub(crate) fn run(args: LoadArgs) -> Result<()> {
         _cleanup = RemoveOnDrop(dir.clone());
         fs_err::create_dir_all(&dir)?;
         let file = fs_err::File::open(&args.path)?;
-        tar::Archive::new(std::io::BufReader::new(file))
-            .unpack(&dir)
-            .with_context(|| format!("{} is not a readable tar archive", args.path.display()))?;
+        // The tar reader's own message can quote raw bytes of a file that is not a tar at all,
+        // so the user gets a plain sentence and the detail goes to the debug log.
+        if let Err(e) = tar::Archive::new(std::io::BufReader::new(file)).unpack(&dir) {
+            tracing::debug!(error = %e, "unpacking the archive failed");
+            bail!(
+                "{} is not a complete tar archive (truncated, damaged, or not a tar file)",
+                args.path.display()
+            );
+        }
         dir
     };
 
@@ -113,7 +124,14 @@ fn blob_path(root: &Path, digest: &str) -> Result<PathBuf> {
     if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
         bail!("malformed digest {digest:?}");
     }
-    Ok(root.join("blobs/sha256").join(hex))
+    let path = root.join("blobs/sha256").join(hex);
+    if !path.is_file() {
+        bail!(
+            "the layout is incomplete: blob {digest} is missing ({})",
+            path.display()
+        );
+    }
+    Ok(path)
 }
 
 fn load_oci_layout(
@@ -126,6 +144,13 @@ fn load_oci_layout(
     let descriptors = index["manifests"].as_array().cloned().unwrap_or_default();
     if descriptors.is_empty() {
         bail!("{}: index.json lists no images", root.display());
+    }
+    if name.is_some() && descriptors.len() > 1 {
+        bail!(
+            "{} holds {} images; --name can name only one (load without --name to keep their names)",
+            root.display(),
+            descriptors.len()
+        );
     }
     let mut loaded = Vec::new();
     for desc in &descriptors {

@@ -1,6 +1,7 @@
 //! What the user sees: short colored status lines on stderr (uv-style), progress bars for long
 //! work, and errors with their causes. Machine-readable output (tables, JSON) goes to stdout.
 
+use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
@@ -41,14 +42,20 @@ pub(crate) fn status(verb: &str, message: impl std::fmt::Display) {
     if quiet() {
         return;
     }
-    eprintln!("{} {message}", style(verb).green().bold());
+    // Writing to a closed stderr (`fd … 2>&1 | head`) must not panic, as eprintln! would.
+    let _ = writeln!(
+        std::io::stderr(),
+        "{} {message}",
+        style(verb).green().bold()
+    );
 }
 
 /// Prints an error and its chain of causes.
 pub(crate) fn error(err: &anyhow::Error) {
-    eprintln!("{} {err}", style("error:").red().bold());
+    let mut stderr = std::io::stderr().lock();
+    let _ = writeln!(stderr, "{} {err}", style("error:").red().bold());
     for cause in err.chain().skip(1) {
-        eprintln!("  {} {cause}", style("caused by:").dim());
+        let _ = writeln!(stderr, "  {} {cause}", style("caused by:").dim());
     }
 }
 
@@ -62,6 +69,15 @@ pub(crate) fn duration(d: Duration) -> String {
     } else {
         format!("{:.1}s", d.as_secs_f64())
     }
+}
+
+/// True when the error is a write to a closed pipe (`fd images | head -1`): the reader has
+/// what it wanted, so fd ends quietly, as other command-line tools do.
+pub(crate) fn is_broken_pipe(err: &anyhow::Error) -> bool {
+    err.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
+    })
 }
 
 /// Short form of a digest for tables: the first 12 hex digits.

@@ -29,12 +29,16 @@ pub(crate) struct PullArgs {
     pub(crate) registry: RegistryArgs,
 }
 
+fn parse_platform(s: &str) -> Result<Platform, String> {
+    Platform::parse(s).map_err(|e| format!("{e} (expected OS/ARCH[/VARIANT], e.g. linux/amd64)"))
+}
+
 /// Options for commands that talk to registries.
 #[derive(Debug, Clone, Args)]
 pub(crate) struct RegistryArgs {
     /// Platform to choose from a multi-platform image, as OS/ARCH[/VARIANT] (default: this host).
-    #[arg(long)]
-    pub(crate) platform: Option<String>,
+    #[arg(long, value_parser = parse_platform)]
+    pub(crate) platform: Option<Platform>,
     /// Allow plain HTTP to this registry (HOST or HOST:PORT). Loopback registries always are.
     #[arg(long = "insecure-registry", value_name = "HOST")]
     pub(crate) insecure_registries: Vec<String>,
@@ -42,12 +46,7 @@ pub(crate) struct RegistryArgs {
 
 impl RegistryArgs {
     pub(crate) fn client(&self) -> Result<RegistryClient> {
-        let platform = self
-            .platform
-            .as_deref()
-            .map(Platform::parse)
-            .transpose()
-            .context("--platform takes OS/ARCH[/VARIANT], e.g. linux/amd64")?;
+        let platform = self.platform.clone();
         let opts = ClientOptions {
             insecure_registries: self.insecure_registries.clone(),
             platform,
@@ -114,6 +113,7 @@ pub(crate) async fn pull(
         .from_registry
         .fetch_add(config.len() as u64, Ordering::Relaxed);
     let diff_ids = diff_ids(&config, resolved.layers.len())?;
+    check_platform(client, &config, &name)?;
     import.put_verified_bytes(
         &resolved.config.digest,
         &resolved.config.media_type,
@@ -193,6 +193,18 @@ async fn fetch_layer(
         }
     };
     if import.has_layer(&desc.digest)? {
+        let stored = store
+            .blob(&desc.digest)?
+            .map(|(r, _)| r.size())
+            .unwrap_or(0);
+        if stored != desc.size {
+            bail!(
+                "the manifest says layer {} has {} bytes, but that digest names {stored} bytes; \
+                 the manifest is wrong",
+                desc.digest,
+                desc.size
+            );
+        }
         bar.finish_with_message("already stored");
         return Ok(());
     }
@@ -251,6 +263,22 @@ fn is_complete(store: &Store, img: &ImageRecord) -> Result<bool> {
         }
     }
     Ok(true)
+}
+
+/// A single-platform image is taken as it is unless the user asked for another platform, in
+/// which case a mismatch is an error rather than a silent success with the wrong binaries.
+fn check_platform(client: &RegistryClient, config: &[u8], name: &str) -> Result<()> {
+    if !client.platform_requested() {
+        return Ok(());
+    }
+    let value: serde_json::Value = serde_json::from_slice(config).unwrap_or_default();
+    let os = value["os"].as_str().unwrap_or("");
+    let arch = value["architecture"].as_str().unwrap_or("");
+    let want = client.platform();
+    if os != want.os || arch != want.architecture {
+        bail!("{name} is a single-platform image for {os}/{arch}, not the requested {want}");
+    }
+    Ok(())
 }
 
 /// Maps a layer media type to the compression the ingest must undo.

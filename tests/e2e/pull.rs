@@ -477,6 +477,114 @@ fn pull_errors_name_the_problem() -> Result<()> {
     Ok(())
 }
 
+#[test]
+fn platform_and_rmi_edge_cases_are_handled() -> Result<()> {
+    let imgs = images()?;
+    let registry = Registry::start()?;
+    registry.push(&imgs.busybox, ImageCache::BUSYBOX_TAG, "busybox:latest")?;
+    let env = FdEnv::new()?;
+    let bb = format!("{}/busybox:latest", registry.addr());
+
+    // Asking for another platform than a single-platform image has is an error, not a
+    // silent pull of the wrong binaries; a malformed platform is a usage error.
+    let out = env.run_fail(["pull", "--platform", "linux/arm64", &bb])?;
+    ensure!(
+        stderr(&out).contains("single-platform image"),
+        "{}",
+        stderr(&out)
+    );
+    let out = env.cmd(["pull", "--platform", "nonsense", &bb]).output()?;
+    ensure!(
+        out.status.code() == Some(2),
+        "bad --platform exit code {:?}",
+        out.status.code()
+    );
+    ensure!(listed_images(&env)?.is_empty());
+
+    // Two tags of one digest: removing by digest is refused, by name works, and every
+    // argument of rmi is tried even when one is unknown.
+    env.run(["pull", &bb])?;
+    env.run([
+        "load",
+        &imgs.busybox.display().to_string(),
+        "--name",
+        "localhost/second:1",
+    ])?;
+    let digest = fd_tests::manifest_digest(&imgs.busybox, ImageCache::BUSYBOX_TAG)?;
+    let out = env.run_fail(["rmi", &digest[7..19]])?;
+    ensure!(
+        stderr(&out).contains("remove them by name"),
+        "{}",
+        stderr(&out)
+    );
+    let out = env.run_fail(["rmi", &bb, "localhost/nope:1", "localhost/second:1"])?;
+    ensure!(stderr(&out).contains("nope"), "{}", stderr(&out));
+    ensure!(
+        listed_images(&env)?.is_empty(),
+        "rmi stopped at the unknown name"
+    );
+    Ok(())
+}
+
+#[test]
+fn pull_from_a_registry_that_never_answers_ends_with_an_error() -> Result<()> {
+    // A listener that accepts connections and never says a word: fd must give up on its own
+    // (bounded timeouts and retries) instead of hanging.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?;
+    let env = FdEnv::new()?;
+    let mut child = env
+        .cmd(["pull", &format!("{addr}/silent:latest")])
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    let deadline = Instant::now() + Duration::from_secs(180);
+    let mut held = Vec::new();
+    listener.set_nonblocking(true)?;
+    let status = loop {
+        if let Ok((conn, _)) = listener.accept() {
+            held.push(conn);
+        }
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        if Instant::now() > deadline {
+            child.kill()?;
+            child.wait()?;
+            bail!("fd pull was still waiting on a silent registry after 180 s");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let out = child.wait_with_output()?;
+    ensure!(status.code() == Some(1), "exit status {status}");
+    ensure!(
+        stderr(&out).contains(&addr.to_string()),
+        "error does not name the registry:\n{}",
+        stderr(&out)
+    );
+    Ok(())
+}
+
+#[test]
+fn output_to_a_closed_pipe_ends_quietly() -> Result<()> {
+    let imgs = images()?;
+    let env = FdEnv::new()?;
+    env.run(["load", &imgs.busybox.display().to_string()])?;
+    // Both streams go to a pipe whose reader has gone: no panic, no error message.
+    let mut child = env
+        .cmd(["inspect", "--files", "localhost/busybox:latest"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    drop(child.stdout.take());
+    drop(child.stderr.take());
+    let status = child.wait()?;
+    ensure!(
+        status.success(),
+        "fd ended with {status} writing to a closed pipe"
+    );
+    Ok(())
+}
+
 fn walk_files(dir: &Path) -> Result<Vec<std::path::PathBuf>> {
     let mut out = Vec::new();
     if !dir.exists() {

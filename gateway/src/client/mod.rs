@@ -47,11 +47,13 @@ pub const MAX_SMALL_BLOB_BYTES: u64 = 16 << 20;
 /// Sent as `User-Agent`, so registry operators can tell fd's requests apart.
 const USER_AGENT: &str = concat!("fd/", env!("CARGO_PKG_VERSION"));
 /// A registry that does not accept a connection in this time is treated as down (and the
-/// attempt retried), rather than hanging a pull.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
+/// attempt retried), rather than hanging a pull. Registries on a LAN or loopback accept in
+/// milliseconds; 5 s also covers a slow WAN handshake.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Longest silence tolerated in the middle of a response before the attempt is abandoned
-/// (and, for blobs, resumed).
-const READ_TIMEOUT: Duration = Duration::from_secs(60);
+/// (and, for blobs, resumed). A healthy registry never pauses this long mid-stream; a longer
+/// wait only makes a stuck pull look alive.
+const READ_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// How the client reaches registries.
 #[derive(Debug, Clone, Default)]
@@ -86,6 +88,7 @@ struct Inner {
     insecure: Vec<String>,
     plain_http_only: bool,
     platform: Platform,
+    platform_requested: bool,
     auth_files: Vec<PathBuf>,
     /// Credentials per registry, looked up once: the library keeps the first credentials it
     /// is given for a registry anyway.
@@ -194,6 +197,7 @@ impl RegistryClient {
             oci_client::Client::try_from(config)
                 .map_err(|e| GatewayError::ClientSetup(transport::error_chain(&e)))
         };
+        let platform_requested = opts.platform.is_some();
         let platform = opts.platform.unwrap_or_else(Platform::host);
         let auth_files = opts.auth_files.unwrap_or_else(default_auth_files);
         debug!(%platform, ?auth_files, insecure = ?opts.insecure_registries,
@@ -205,6 +209,7 @@ impl RegistryClient {
                 insecure: opts.insecure_registries,
                 plain_http_only: opts.plain_http_only,
                 platform,
+                platform_requested,
                 auth_files,
                 credentials: Mutex::new(HashMap::new()),
             }),
@@ -214,6 +219,11 @@ impl RegistryClient {
     /// The platform chosen from indexes.
     pub fn platform(&self) -> &Platform {
         &self.inner.platform
+    }
+
+    /// True when the caller asked for a platform rather than taking the host's.
+    pub fn platform_requested(&self) -> bool {
+        self.inner.platform_requested
     }
 
     /// Whether requests to `r`'s registry go over plain HTTP. Errors, without any network

@@ -16,6 +16,10 @@ use super::error::GatewayError;
 
 /// Requests made for one operation before giving up: the first try and three retries.
 pub(crate) const MAX_ATTEMPTS: u32 = 4;
+
+/// No new attempt starts once this much time has gone into one operation: with timeouts, four
+/// attempts could otherwise keep a pull silent for minutes against a registry that hangs.
+pub(crate) const RETRY_BUDGET: Duration = Duration::from_secs(30);
 /// Wait before the first retry; doubled before each later one (0.2 s, 0.4 s, 0.8 s).
 const FIRST_BACKOFF: Duration = Duration::from_millis(200);
 /// Registry error bodies can be whole HTML pages; messages keep only this much of them.
@@ -61,7 +65,9 @@ where
     loop {
         match op().await {
             Ok(v) => return Ok(v),
-            Err(e) if e.is_transient() && attempt < MAX_ATTEMPTS => {
+            Err(e)
+                if e.is_transient() && attempt < MAX_ATTEMPTS && start.elapsed() < RETRY_BUDGET =>
+            {
                 let wait = backoff(attempt);
                 debug!(registry = %ctx.registry, what, attempt, error = %e, ?wait,
                     "transient registry error; retrying");
