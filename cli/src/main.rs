@@ -8,7 +8,10 @@ mod images;
 mod load;
 mod mount;
 mod output;
+mod peer;
 mod pull;
+mod run;
+mod serve;
 
 use std::process::ExitCode;
 
@@ -26,7 +29,8 @@ const EXIT_FAILURE: u8 = 1;
 )]
 struct Cli {
     /// More log output (repeat for more); FD_LOG=debug does the same.
-    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    // No `-v`: that is `fd run`'s volume flag, as in docker and podman.
+    #[arg(long, global = true, action = clap::ArgAction::Count)]
     verbose: u8,
 
     /// Print only errors (and the requested output of listing commands).
@@ -55,10 +59,24 @@ enum Command {
     Mount(mount::MountArgs),
     /// Unmount a directory mounted by `fd mount`.
     Umount(mount::UmountArgs),
+    /// Run a command in a new container from an image; the image is fetched first if needed.
+    Run(run::RunArgs),
+    /// Serve the local store: as a registry mirror for docker, containerd and podman.
+    Serve(serve::ServeArgs),
+    /// Share this store's chunks with team peers over QUIC (foreground node).
+    Share(peer::ShareArgs),
+    /// List known peers: id, address, RTT, throughput, images held, last seen.
+    Peers(peer::PeersArgs),
+    /// Create, join or show the team whose machines share chunks with each other.
+    Team(peer::TeamArgs),
+    /// Internal: the single-threaded helper process that creates a container.
+    #[command(hide = true, name = "__container")]
+    Container(run::ContainerArgs),
 }
 
 fn main() -> ExitCode {
     let _ = fd_lazyfs::clean_stale_mounts_default();
+    let _ = fd_runtime::clean_stale_runs_default();
     let cli = Cli::parse();
     output::init_logging(cli.verbose);
     output::set_quiet(cli.quiet);
@@ -71,6 +89,12 @@ fn main() -> ExitCode {
         Command::Gc(args) => images::gc(args),
         Command::Mount(args) => mount::run(args),
         Command::Umount(args) => mount::umount(args),
+        Command::Run(args) => run::run(args),
+        Command::Serve(args) => serve::run(args),
+        Command::Container(args) => run::container(args),
+        Command::Share(args) => peer::share(args),
+        Command::Peers(args) => peer::peers(args),
+        Command::Team(args) => peer::team(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

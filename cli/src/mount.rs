@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
 use clap::{Args, ValueEnum};
+use fd_lazyfs::idmap::{IdMap, IdRange};
 use fd_lazyfs::{MountOptions, Prefetch};
 use fd_node::fetch::{ChunkSource, FetchPolicy, Fetcher, StoreSource};
 use fd_node::{ImageRecord, Store};
@@ -35,6 +36,17 @@ pub(crate) struct MountArgs {
     /// Let other users read the mount (a container in a user namespace needs this).
     #[arg(long)]
     allow_other: bool,
+    /// Present owners as a user namespace with this uid map line sees them
+    /// (INSIDE:OUTSIDE:COUNT, as in /proc/PID/uid_map); repeatable.
+    #[arg(long = "uid-map", value_name = "IN:OUT:COUNT", value_parser = parse_range)]
+    uid_map: Vec<IdRange>,
+    /// Like --uid-map, for group ids.
+    #[arg(long = "gid-map", value_name = "IN:OUT:COUNT", value_parser = parse_range)]
+    gid_map: Vec<IdRange>,
+}
+
+fn parse_range(s: &str) -> Result<IdRange, String> {
+    IdRange::parse(s).ok_or_else(|| format!("{s:?} is not INSIDE:OUTSIDE:COUNT with COUNT > 0"))
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -84,6 +96,10 @@ pub(crate) fn run(args: MountArgs) -> Result<()> {
             PrefetchArg::None => Prefetch::None,
         },
         allow_other: args.allow_other,
+        id_map: IdMap {
+            uids: args.uid_map.clone(),
+            gids: args.gid_map.clone(),
+        },
         ..MountOptions::default()
     };
     let mounted = fd_lazyfs::mount(fetcher, &image, &args.dir, &options)

@@ -42,6 +42,13 @@ pub(crate) struct RegistryArgs {
     /// Allow plain HTTP to this registry (HOST or HOST:PORT). Loopback registries always are.
     #[arg(long = "insecure-registry", value_name = "HOST")]
     pub(crate) insecure_registries: Vec<String>,
+    // Peer options: team peers are asked before the registry (see `pull_with_peers`).
+    /// A team peer to ask first, as a multiaddr (repeatable).
+    #[arg(long = "peer", value_name = "MULTIADDR")]
+    pub(crate) peers: Vec<String>,
+    /// Do not look for peers with mDNS (also FD_MDNS=0).
+    #[arg(long)]
+    pub(crate) no_mdns: bool,
 }
 
 impl RegistryArgs {
@@ -60,32 +67,97 @@ impl RegistryArgs {
 pub(crate) fn run(args: PullArgs) -> Result<()> {
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     let store = Arc::new(Store::open_default().context("opening the store")?);
-    runtime.block_on(async {
-        let reference = ImageRef::parse(&args.reference)?;
-        let client = args.registry.client()?;
-        pull(&store, &client, &reference).await.map(|_| ())
-    })
+    runtime.block_on(pull_as_asked(&store, &args.registry, &args.reference))?;
+    Ok(())
+}
+
+/// Pulls what the user named, with the user's registry and peer options: team peers first
+/// (only for a store in a team; members alone answer each other), then the registry.
+pub(crate) async fn pull_as_asked(
+    store: &Arc<Store>,
+    args: &RegistryArgs,
+    reference: &str,
+) -> Result<ImageRecord> {
+    let reference = ImageRef::parse(reference)?;
+    let client = args.client()?;
+    let net = start_peers(store, args).await?;
+    let result = pull_with_peers(store, &client, &reference, net.as_ref()).await;
+    if let Some(net) = net {
+        net.shutdown().await;
+    }
+    result
+}
+
+/// How long a pull waits for a first peer when none was named with `--peer`: enough for
+/// remembered peers and an mDNS answer on a LAN, short enough not to slow a lone machine.
+const PEER_WAIT: std::time::Duration = std::time::Duration::from_millis(1500);
+
+/// Starts the peer node for a pull when the store belongs to a team.
+async fn start_peers(store: &Arc<Store>, args: &RegistryArgs) -> Result<Option<fd_p2p::PeerNet>> {
+    if fd_p2p::TeamKey::load(store.root())?.is_none() {
+        if !args.peers.is_empty() {
+            output::status(
+                "Skipping",
+                "--peer: this store is in no team (see `fd team`)",
+            );
+        }
+        return Ok(None);
+    }
+    let cfg_mdns = crate::peer::mdns_enabled(args.no_mdns);
+    let cfg = fd_p2p::NetConfig {
+        peers: crate::peer::parse_addrs(&args.peers)?,
+        mdns: cfg_mdns,
+        ..Default::default()
+    };
+    let net = fd_p2p::PeerNet::start(store.clone(), cfg)
+        .await
+        .context("starting the peer node")?;
+    // Nobody to wait for: no peer named, none remembered, no mDNS.
+    let nobody = args.peers.is_empty() && !cfg_mdns && net.book().peers.is_empty();
+    let wait = if nobody {
+        std::time::Duration::ZERO
+    } else if args.peers.is_empty() {
+        PEER_WAIT
+    } else {
+        PEER_WAIT * 4
+    };
+    net.wait_for_peers(wait).await;
+    Ok(Some(net))
 }
 
 /// What a pull fetched, for the summary line.
 #[derive(Debug, Default)]
 pub(crate) struct PullStats {
     pub(crate) from_registry: AtomicU64,
+    pub(crate) from_peers: AtomicU64,
 }
 
-/// Pulls `reference` into `store` and returns the committed image.
-pub(crate) async fn pull(
+
+/// Pulls `reference`, asking team peers (when `peers` is given) before the registry.
+pub(crate) async fn pull_with_peers(
     store: &Arc<Store>,
     client: &RegistryClient,
     reference: &ImageRef,
+    peers: Option<&fd_p2p::PeerNet>,
 ) -> Result<ImageRecord> {
     let started = Instant::now();
     let name = reference.to_string();
-    let resolved = client
-        .resolve(reference)
-        .await
-        .with_context(|| format!("resolving {name}"))?;
     let stats = Arc::new(PullStats::default());
+    // The registry is the authority for a tag; peers stand in only when it cannot answer.
+    let resolved = match client.resolve(reference).await {
+        Ok(r) => {
+            let docs = r.index.iter().chain(std::iter::once(&r.manifest));
+            let n: usize = docs.map(|d| d.bytes.len()).sum();
+            stats.from_registry.fetch_add(n as u64, Ordering::Relaxed);
+            r
+        }
+        Err(e) => match peers {
+            Some(net) => crate::peer::resolve_from_peers(net, store, reference, &stats)
+                .await
+                .with_context(|| format!("resolving {name} (registry: {e})"))?,
+            None => return Err(e).with_context(|| format!("resolving {name}")),
+        },
+    };
 
     // Already complete and current: nothing to do.
     if let Some(img) = store.image(&name)?
@@ -105,13 +177,24 @@ pub(crate) async fn pull(
     };
 
     // Config first: it carries the diff ids that check each unpacked layer.
-    let config = client
-        .fetch_small_blob(&resolved.reference, &resolved.config)
-        .await
-        .with_context(|| format!("fetching config {}", resolved.config.digest))?;
-    stats
-        .from_registry
-        .fetch_add(config.len() as u64, Ordering::Relaxed);
+    // Peers are asked first; their answer is checked against the digest.
+    let from_peers = match peers {
+        Some(net) => crate::peer::small_blob(net, store, &resolved.config.digest, &stats).await,
+        None => None,
+    };
+    let config = match from_peers {
+        Some(bytes) => bytes,
+        None => {
+            let config = client
+                .fetch_small_blob(&resolved.reference, &resolved.config)
+                .await
+                .with_context(|| format!("fetching config {}", resolved.config.digest))?;
+            stats
+                .from_registry
+                .fetch_add(config.len() as u64, Ordering::Relaxed);
+            config
+        }
+    };
     let diff_ids = diff_ids(&config, resolved.layers.len())?;
     check_platform(client, &config, &name)?;
     import.put_verified_bytes(
@@ -132,7 +215,10 @@ pub(crate) async fn pull(
                 desc,
                 diff_id,
                 bar,
-                &stats,
+                Sources {
+                    stats: &stats,
+                    peers,
+                },
             )
         })
         .buffer_unordered(PARALLEL_LAYERS)
@@ -146,9 +232,6 @@ pub(crate) async fn pull(
         .chain(std::iter::once(&resolved.manifest))
     {
         import.put_verified_bytes(&doc.digest, &doc.media_type, &doc.bytes)?;
-        stats
-            .from_registry
-            .fetch_add(doc.bytes.len() as u64, Ordering::Relaxed);
     }
     let meta = ImageMeta {
         reference: name.clone(),
@@ -162,12 +245,20 @@ pub(crate) async fn pull(
     output::status(
         "Pulled",
         format_args!(
-            "{name} in {}: {} from registry, 0 B from peers",
+            "{name} in {}: {} from registry, {} from peers",
             output::duration(started.elapsed()),
             output::bytes(stats.from_registry.load(Ordering::Relaxed)),
+            output::bytes(stats.from_peers.load(Ordering::Relaxed)),
         ),
     );
     Ok(record)
+}
+
+/// The pull's counters and its peers (when in a team), handed to each layer fetch.
+#[derive(Clone, Copy)]
+struct Sources<'a> {
+    stats: &'a PullStats,
+    peers: Option<&'a fd_p2p::PeerNet>,
 }
 
 /// Fetches one layer (unless the store has it) and builds both of its views.
@@ -178,8 +269,9 @@ async fn fetch_layer(
     desc: &BlobDesc,
     diff_id: &str,
     bar: indicatif::ProgressBar,
-    stats: &PullStats,
+    sources: Sources<'_>,
 ) -> Result<()> {
+    let Sources { stats, peers } = sources;
     let compression = compression(&desc.media_type)?;
     let store = import.store();
 
@@ -214,13 +306,37 @@ async fn fetch_layer(
         let bar = bar.clone();
         move |n: u64| bar.set_position(n)
     };
-    let fetched = client
-        .fetch_blob(reference, desc, &path, &on_progress)
+    // Peers first: a verified prefix (or the whole blob) lands in the download file, and the
+    // registry download below resumes from wherever the peers stopped.
+    let mut complete = false;
+    if let Some(net) = peers {
+        let got = fd_p2p::fetch::fetch_blob_to_file(
+            net,
+            store,
+            &desc.digest,
+            desc.size,
+            &path,
+            &on_progress,
+        )
         .await
-        .with_context(|| format!("downloading layer {}", desc.digest))?;
-    stats
-        .from_registry
-        .fetch_add(fetched.bytes_downloaded, Ordering::Relaxed);
+        .unwrap_or_else(|e| {
+            tracing::warn!(error = %e, layer = %desc.digest, "peers failed; using the registry");
+            fd_p2p::BlobFromPeers::default()
+        });
+        stats
+            .from_peers
+            .fetch_add(got.bytes_from_peers, Ordering::Relaxed);
+        complete = got.complete;
+    }
+    if !complete {
+        let fetched = client
+            .fetch_blob(reference, desc, &path, &on_progress)
+            .await
+            .with_context(|| format!("downloading layer {}", desc.digest))?;
+        stats
+            .from_registry
+            .fetch_add(fetched.bytes_downloaded, Ordering::Relaxed);
+    }
     bar.set_message("unpacking");
 
     let (import, desc, diff_id) = (import.clone(), desc.clone(), diff_id.to_string());

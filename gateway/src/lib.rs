@@ -6,5 +6,6 @@
 //! a node's store to other fd peers and to docker/podman will live here too.
 
 pub mod client;
+pub mod mirror;
 
 pub use client::*;

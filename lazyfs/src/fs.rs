@@ -488,6 +488,24 @@ impl Filesystem for LazyFs {
             Err(e) => reply.error(e),
         }
     }
+
+    /// No ioctls: programs in containers probe files with some (python asks for inode flags
+    /// with FS_IOC_GETFLAGS) and expect ENOTTY; fuser's default answer logs a warning for
+    /// every call, which `fd run` would print on the user's terminal.
+    #[allow(clippy::too_many_arguments)]
+    fn ioctl(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _flags: fuser::IoctlFlags,
+        _cmd: u32,
+        _in_data: &[u8],
+        _out_size: u32,
+        reply: fuser::ReplyIoctl,
+    ) {
+        reply.error(Errno::ENOTTY);
+    }
 }
 
 /// The xattr size protocol: size 0 asks for the length, a buffer too small is ERANGE.

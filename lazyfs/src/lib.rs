@@ -19,18 +19,17 @@
 //! symlink target, device numbers, extended attributes byte for byte, hardlinks as one inode
 //! with the right link count, and directory link counts of 2 + subdirectories.
 //!
-//! # Ownership in rootless mode (not implemented yet)
+//! # Ownership in rootless mode
 //!
-//! Mounted by an unprivileged user for a container in a user namespace, the image's owners
-//! must appear shifted into the user's subordinate id range, as a rootless unpack would chown
-//! them. The plan: [`MountOptions`] takes the uid and gid maps of the container (the
-//! `/etc/subuid` ranges); `Tree::attr` maps each stored uid/gid through them when building
-//! `stat` attributes (an id outside every range shows as the overflow id 65534, as the kernel
-//! does); `security.capability` xattrs of version 3 carry a root uid that is shifted the same
-//! way. The index itself stays unshifted, so one store serves root and rootless mounts. The
-//! mount then needs `allow_other` so the namespace's ids can read it.
+//! For a container in a user namespace, [`MountOptions::id_map`] takes the namespace's uid and
+//! gid maps and the mount presents every owner already mapped ([`idmap`]): nothing is copied
+//! or re-owned at start, ids outside the maps show as 65534 as the kernel shows them, and the
+//! stored index stays unshifted. Not done yet: the root uid inside version-3
+//! `security.capability` xattrs is not shifted. Such a mount needs `allow_other` so the
+//! namespace's ids can read it.
 
 mod fs;
+pub mod idmap;
 pub mod mount;
 pub mod profile;
 pub mod records;

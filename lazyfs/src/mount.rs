@@ -49,6 +49,8 @@ pub struct MountOptions {
     /// Threads reading FUSE requests. Reads that must fetch run on threads of their own, so a
     /// few are enough.
     pub threads: usize,
+    /// Owners as a user namespace must see them (empty: as stored).
+    pub id_map: crate::idmap::IdMap,
 }
 
 impl Default for MountOptions {
@@ -58,6 +60,7 @@ impl Default for MountOptions {
             allow_other: false,
             suid_and_devices: false,
             threads: 4,
+            id_map: crate::idmap::IdMap::default(),
         }
     }
 }
@@ -114,7 +117,8 @@ pub fn mount(
         });
     }
     let store = fetcher.store();
-    let index = load_file_index(store, image)?;
+    let mut index = load_file_index(store, image)?;
+    options.id_map.apply(&mut index);
     let tree = Tree::new(index)?;
     let shared = Arc::new(Shared::new(tree, fetcher.clone()));
 

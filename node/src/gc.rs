@@ -53,6 +53,9 @@ pub fn collect(store: &Store, wait: bool) -> Result<Option<GcReport>> {
         }
     }
 
+    // Mark: blobs pinned by a long-running holder (the registry mirror pins what it serves).
+    live_blobs.extend(store.pinned_blobs()?);
+
     // Mark: chunks of live blobs, and of every file the live layer indexes name (a file that
     // an upper layer hides is still part of its own layer, which other images may reuse).
     let mut live_chunks: HashSet<ChunkId> = HashSet::new();

@@ -385,6 +385,47 @@ impl Store {
         })
     }
 
+    /// Pins a blob: `fd gc` keeps it (and its chunks) even though no image row names it.
+    /// Call while holding the writer lock, after the blob is recorded, so gc sees either
+    /// neither or both.
+    pub fn pin_blob(&self, key: &str) -> Result<()> {
+        let dir = self.root.join("pins");
+        fs_err::create_dir_all(&dir)?;
+        let path = dir.join(key.replace(':', "-"));
+        if !path.exists() {
+            fs_err::write(&path, key.as_bytes())?;
+        }
+        Ok(())
+    }
+
+    /// Removes a pin set by [`Store::pin_blob`]; the blob goes at the next `fd gc` unless an
+    /// image still names it.
+    pub fn unpin_blob(&self, key: &str) -> Result<()> {
+        match fs_err::remove_file(self.root.join("pins").join(key.replace(':', "-"))) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.into()),
+            _ => Ok(()),
+        }
+    }
+
+    /// Every pinned blob key.
+    pub fn pinned_blobs(&self) -> Result<Vec<String>> {
+        let dir = self.root.join("pins");
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(fs_err_wrap(e, &dir)),
+        };
+        let mut out = Vec::new();
+        for entry in entries {
+            let entry = entry.map_err(|e| fs_err_wrap(e, &dir))?;
+            // The file holds the key itself: names cannot hold ':' portably.
+            if let Ok(key) = std::fs::read_to_string(entry.path()) {
+                out.push(key.trim().to_string());
+            }
+        }
+        Ok(out)
+    }
+
     // # Layers
 
     pub fn layer(&self, digest: &str) -> Result<Option<LayerRecord>> {

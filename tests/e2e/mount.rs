@@ -535,6 +535,36 @@ fn unavailable_chunk_is_eio_after_a_bounded_wait() -> Result<()> {
 }
 
 #[test]
+fn mount_presents_owners_mapped_for_a_user_namespace() -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let env = FdEnv::new()?;
+    let reference = load_debian(&env)?;
+    // Root inside maps to 100000 outside; 1000 ids in all, so uid 1000 is past the range.
+    let maps = ["--uid-map", "0:100000:1000", "--gid-map", "0:200000:65536"];
+    let mut args = vec!["--prefetch", "none"];
+    args.extend(maps);
+    let mut mount = Mount::start(&env, &reference, "mnt", &args, &[])?;
+    let etc = fs_err::symlink_metadata(mount.path("/etc/passwd"))?;
+    ensure!(
+        (etc.uid(), etc.gid()) == (100_000, 200_000),
+        "/etc/passwd owner {}:{}",
+        etc.uid(),
+        etc.gid()
+    );
+    let owned = fs_err::symlink_metadata(mount.path(debian_paths::OWNED_1000))?;
+    ensure!(
+        owned.uid() == 65534,
+        "uid 1000 past the map shows as {} (want the overflow id)",
+        owned.uid()
+    );
+    ensure!(owned.gid() == 201_000, "gid 1000 shows as {}", owned.gid());
+    // Contents are unaffected.
+    ensure!(read_all(&mount.path("/etc/passwd"))?.starts_with(b"root:"));
+    mount.stop()?;
+    Ok(())
+}
+
+#[test]
 fn umount_with_an_open_file_works() -> Result<()> {
     let env = FdEnv::new()?;
     let reference = load_debian(&env)?;

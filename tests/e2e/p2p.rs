@@ -1,0 +1,505 @@
+//! The peer network between real `fd` processes, each in its own network namespace.
+//!
+//! A private LAN is built for each test: one namespace holds a bridge, every node gets its own
+//! namespace with a veth to that bridge and a 10.77.x.y address that exists only inside these
+//! namespaces. The registry runs on 127.0.0.1 in the root namespace, which the nodes cannot
+//! reach: node A pulls from the root namespace (with mDNS off there), then shares from its
+//! namespace, and the others can only get the image from A. Guards delete the namespaces and
+//! kill every process by PID, even when an assertion fails.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use fd_node::{Store, load_file_index};
+use fd_tests::{FdEnv, ImageCache, Registry, images};
+use sha2::Digest;
+
+/// A LAN of namespaces; deleted (with their veths) when dropped.
+struct Lan {
+    bridge: String,
+    nodes: Vec<String>,
+}
+
+fn ip(args: &[&str]) -> Result<()> {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .context("running ip")?;
+    ensure!(
+        out.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+impl Lan {
+    /// Namespaces `fdtest-TAG-br` (bridge) and `fdtest-TAG-0..n`, node i at 10.77.0.(i+1).
+    fn new(n: usize) -> Result<Lan> {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        let tag = format!("{:x}{:x}", std::process::id() & 0xfff, nanos & 0xffff);
+        let mut lan = Lan {
+            bridge: format!("fdtest-{tag}-br"),
+            nodes: Vec::new(),
+        };
+        ip(&["netns", "add", &lan.bridge])?;
+        ip(&["-n", &lan.bridge, "link", "add", "br0", "type", "bridge"])?;
+        ip(&["-n", &lan.bridge, "link", "set", "br0", "up"])?;
+        for i in 0..n {
+            let ns = format!("fdtest-{tag}-{i}");
+            ip(&["netns", "add", &ns])?;
+            lan.nodes.push(ns.clone());
+            let port = format!("p{i}");
+            // Both ends are created inside the namespaces: nothing appears in the root one.
+            ip(&[
+                "-n",
+                &lan.bridge,
+                "link",
+                "add",
+                &port,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "eth0",
+                "netns",
+                &ns,
+            ])?;
+            ip(&[
+                "-n",
+                &lan.bridge,
+                "link",
+                "set",
+                &port,
+                "master",
+                "br0",
+                "up",
+            ])?;
+            ip(&[
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("10.77.0.{}/24", i + 1),
+                "dev",
+                "eth0",
+            ])?;
+            ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
+            ip(&["-n", &ns, "link", "set", "lo", "up"])?;
+            // No default route here: give multicast (mDNS) a route out of eth0.
+            ip(&["-n", &ns, "route", "add", "224.0.0.0/4", "dev", "eth0"])?;
+        }
+        Ok(lan)
+    }
+
+    fn addr(&self, i: usize) -> String {
+        format!("10.77.0.{}", i + 1)
+    }
+}
+
+impl Drop for Lan {
+    fn drop(&mut self) {
+        for ns in self.nodes.iter().chain(std::iter::once(&self.bridge)) {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+    }
+}
+
+/// A running process, killed by PID when dropped.
+struct Proc {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+}
+
+impl Proc {
+    /// Waits for a stdout line containing `needle`.
+    fn wait_line(&self, needle: &str, timeout: Duration) -> Result<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) if line.contains(needle) => return Ok(line),
+                Ok(_) => {}
+                Err(_) => bail!("no line with {needle:?} within {timeout:?}"),
+            }
+        }
+    }
+
+    /// Asks the process to stop (SIGTERM) and waits up to `timeout` for it.
+    fn terminate(&mut self, timeout: Duration) -> Result<std::process::ExitStatus> {
+        let pid = self.child.id() as libc::pid_t;
+        // SAFETY: kill with a PID of a child we own and have not reaped.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status);
+            }
+            ensure!(Instant::now() < deadline, "process {pid} ignored SIGTERM");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `fd ARGS` in `env`, inside namespace `ns`.
+fn in_ns(ns: &str, env: &FdEnv, args: &[&str]) -> Command {
+    let inner = env.cmd(args);
+    let mut c = Command::new("ip");
+    c.args(["netns", "exec", ns])
+        .arg(inner.get_program())
+        .args(inner.get_args());
+    for (k, v) in inner.get_envs() {
+        match v {
+            Some(v) => c.env(k, v),
+            None => c.env_remove(k),
+        };
+    }
+    if let Some(d) = inner.get_current_dir() {
+        c.current_dir(d);
+    }
+    c.stdin(Stdio::null());
+    c
+}
+
+fn spawn(mut cmd: Command) -> Result<Proc> {
+    cmd.stdout(Stdio::piped()).stderr(Stdio::inherit());
+    let mut child = cmd.spawn().context("starting fd")?;
+    let stdout = child.stdout.take().context("no stdout")?;
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(|l| l.ok()) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    Ok(Proc { child, lines: rx })
+}
+
+fn output(mut cmd: Command, timeout: Duration) -> Result<Output> {
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let child = cmd.spawn().context("starting fd")?;
+    let pid = child.id() as libc::pid_t;
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(timeout) {
+        Ok(out) => Ok(out?),
+        Err(_) => {
+            // SAFETY: signalling our own child, which has not been reaped (its waiter is stuck).
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            bail!("fd did not finish within {timeout:?}")
+        }
+    }
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "status {}\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// An env whose root-namespace commands never use mDNS.
+fn root_ns(env: &FdEnv, args: &[&str]) -> Command {
+    let mut c = env.cmd(args);
+    c.env("FD_MDNS", "0");
+    c
+}
+
+/// Checks that `b` holds exactly the image `a` holds: same manifest, same file index (it is
+/// content-addressed, so the same tree), every layer blob rebuilding to its sha256 and every
+/// file chunk present and matching its id.
+fn expect_same_image(a: &FdEnv, ref_a: &str, b: &FdEnv, ref_b: &str) -> Result<()> {
+    let sa = Store::open(a.fd_home())?;
+    let sb = Store::open(b.fd_home())?;
+    let ia = sa.find_image(ref_a)?;
+    let ib = sb.find_image(ref_b)?;
+    ensure!(ia.manifest_digest == ib.manifest_digest, "manifest differs");
+    ensure!(ia.file_index == ib.file_index, "file index differs");
+    ensure!(ia.layers == ib.layers, "layers differ");
+    for layer in &ib.layers {
+        let mut h = sha2::Sha256::new();
+        std::io::copy(&mut sb.open_blob(layer)?, &mut h)?;
+        ensure!(
+            format!("sha256:{}", hex::encode(h.finalize())) == *layer,
+            "layer {layer} differs"
+        );
+    }
+    let index = load_file_index(&sb, &ib)?;
+    for e in &index.entries {
+        for c in &e.chunks {
+            sb.read_chunk(&c.id)?;
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn team_peers_pull_without_the_registry_and_outsiders_get_nothing() -> Result<()> {
+    let imgs = images()?;
+    let mut registry = Registry::start()?;
+    registry.push(
+        &imgs.debian_python,
+        ImageCache::DEBIAN_TAG,
+        "debian-python:bookworm",
+    )?;
+    let reference = format!("{}/debian-python:bookworm", registry.addr());
+
+    // A: joins a team, pulls from the registry (root namespace, no mDNS there).
+    let a = FdEnv::new()?;
+    let init = output(root_ns(&a, &["team", "init"]), Duration::from_secs(30))?;
+    ensure!(init.status.success(), "team init: {}", text(&init));
+    let token = String::from_utf8_lossy(&init.stdout).trim().to_string();
+    let started = Instant::now();
+    let pulled = output(root_ns(&a, &["pull", &reference]), Duration::from_secs(300))?;
+    ensure!(pulled.status.success(), "pull on A: {}", text(&pulled));
+    let registry_secs = started.elapsed().as_secs_f64();
+    registry.stop();
+
+    let lan = Lan::new(3)?;
+    let share = spawn(in_ns(
+        &lan.nodes[0],
+        &a,
+        &[
+            "share",
+            "--listen",
+            &format!("/ip4/{}/udp/7700/quic-v1", lan.addr(0)),
+        ],
+    ))?;
+    let line = share.wait_line("listening on", Duration::from_secs(30))?;
+    let a_addr = line
+        .split_whitespace()
+        .last()
+        .context("no address on the listening line")?
+        .to_string();
+    let mut share = share;
+
+    // B: same team, finds A by mDNS alone (no --peer) and pulls with the registry gone.
+    let b = FdEnv::new()?;
+    let join = output(
+        in_ns(&lan.nodes[1], &b, &["team", "join", &token]),
+        Duration::from_secs(30),
+    )?;
+    ensure!(join.status.success(), "team join: {}", text(&join));
+    let started = Instant::now();
+    let pulled = output(
+        in_ns(&lan.nodes[1], &b, &["pull", &reference]),
+        Duration::from_secs(300),
+    )?;
+    let peer_secs = started.elapsed().as_secs_f64();
+    ensure!(pulled.status.success(), "pull on B: {}", text(&pulled));
+    let summary = String::from_utf8_lossy(&pulled.stderr);
+    ensure!(summary.contains("0 B from registry"), "summary: {summary}");
+    expect_same_image(&a, &reference, &b, &reference)?;
+    eprintln!(
+        "pull of debian-python: {registry_secs:.2} s from the registry (loopback), \
+         {peer_secs:.2} s from peer A over the veth LAN (incl. discovery and registry timeout)"
+    );
+
+    // B remembers A.
+    let peers = output(
+        in_ns(&lan.nodes[1], &b, &["peers"]),
+        Duration::from_secs(30),
+    )?;
+    let a_id = a_addr.rsplit('/').next().context("peer id")?;
+    ensure!(
+        String::from_utf8_lossy(&peers.stdout).contains(a_id),
+        "fd peers on B: {}",
+        text(&peers)
+    );
+
+    // C: another team, told A's address explicitly: gets nothing, so the pull fails.
+    let c = FdEnv::new()?;
+    let other = output(
+        in_ns(&lan.nodes[2], &c, &["team", "init"]),
+        Duration::from_secs(30),
+    )?;
+    ensure!(other.status.success(), "team init on C: {}", text(&other));
+    let denied = output(
+        in_ns(&lan.nodes[2], &c, &["pull", "--peer", &a_addr, &reference]),
+        Duration::from_secs(300),
+    )?;
+    ensure!(
+        !denied.status.success(),
+        "C pulled from another team: {}",
+        text(&denied)
+    );
+    ensure!(
+        Store::open(c.fd_home())?.images()?.is_empty(),
+        "C has an image"
+    );
+
+    // A stops cleanly on SIGTERM.
+    let status = share.terminate(Duration::from_secs(10))?;
+    ensure!(status.success(), "fd share exited with {status}");
+    Ok(())
+}
+
+/// Bytes of the partial downloads in a store (what a pull has written so far).
+fn downloaded(env: &FdEnv) -> u64 {
+    std::fs::read_dir(env.fd_home().join("downloads"))
+        .map(|d| {
+            d.filter_map(|e| e.ok()?.metadata().ok())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+/// Shares A's store on 127.0.0.1 (root namespace, mDNS off) and returns the process and its
+/// address.
+fn share_on_loopback(a: &FdEnv) -> Result<(Proc, String)> {
+    let share = spawn(root_ns(
+        a,
+        &[
+            "share",
+            "--no-mdns",
+            "--listen",
+            "/ip4/127.0.0.1/udp/0/quic-v1",
+        ],
+    ))?;
+    let line = share.wait_line("listening on", Duration::from_secs(30))?;
+    let addr = line
+        .split_whitespace()
+        .last()
+        .context("address")?
+        .to_string();
+    ensure!(
+        addr.starts_with("/ip4/127.0.0.1/"),
+        "unexpected address {addr}"
+    );
+    Ok((share, addr))
+}
+
+#[test]
+fn damaged_or_vanishing_peers_leave_the_registry_to_finish_without_refetching() -> Result<()> {
+    let imgs = images()?;
+    let registry = Registry::start()?;
+    registry.push(
+        &imgs.debian_python,
+        ImageCache::DEBIAN_TAG,
+        "debian-python:bookworm",
+    )?;
+    let a = FdEnv::new()?;
+    let init = output(root_ns(&a, &["team", "init"]), Duration::from_secs(30))?;
+    let token = String::from_utf8_lossy(&init.stdout).trim().to_string();
+    let reference = format!("{}/debian-python:bookworm", registry.addr());
+    let pulled = output(root_ns(&a, &["pull", &reference]), Duration::from_secs(300))?;
+    ensure!(pulled.status.success(), "pull on A: {}", text(&pulled));
+    let sa = Store::open(a.fd_home())?;
+    let img = sa.find_image(&reference)?;
+    let layer_bytes: u64 = img
+        .layers
+        .iter()
+        .map(|l| {
+            sa.blob(l)
+                .ok()
+                .flatten()
+                .map(|(r, _)| r.size())
+                .unwrap_or(0)
+        })
+        .sum();
+
+    // Damage one chunk of the largest layer on A: A must not serve it, B must still end
+    // with the exact image, getting that part from the registry.
+    let (recipe, _) = sa.blob(&img.layers[0])?.context("layer recipe")?;
+    let victim = recipe.0[recipe.0.len() / 2];
+    std::fs::write(sa.chunk_path(&victim.id), vec![0u8; victim.len as usize])?;
+
+    let (share, a_addr) = share_on_loopback(&a)?;
+    let relay = fd_tests::Relay::start(&registry.addr(), None)?;
+    let via_relay = format!("{}/debian-python:bookworm", relay.addr());
+    let b = FdEnv::new()?;
+    output(
+        root_ns(&b, &["team", "join", &token]),
+        Duration::from_secs(30),
+    )?;
+    let pulled = output(
+        root_ns(&b, &["pull", "--peer", &a_addr, &via_relay]),
+        Duration::from_secs(300),
+    )?;
+    ensure!(pulled.status.success(), "pull on B: {}", text(&pulled));
+    expect_same_image(&a, &reference, &b, &via_relay)?;
+    let from_registry = relay.bytes_down();
+    ensure!(
+        from_registry > 0,
+        "the damaged chunk must come from the registry"
+    );
+    ensure!(
+        from_registry < layer_bytes / 2,
+        "B took {from_registry} of {layer_bytes} layer bytes from the registry"
+    );
+    drop(share);
+
+    // A killed mid-transfer: B finishes from the registry, resuming after what A gave.
+    let (mut share, a_addr) = share_on_loopback(&a)?;
+    let relay = fd_tests::Relay::start(&registry.addr(), None)?;
+    let via_relay = format!("{}/debian-python:bookworm", relay.addr());
+    let c = FdEnv::new()?;
+    output(
+        root_ns(&c, &["team", "join", &token]),
+        Duration::from_secs(30),
+    )?;
+    let mut pull = c.cmd(["pull", "--peer", &a_addr, &via_relay]);
+    pull.env("FD_MDNS", "0")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let pull = pull.spawn().context("starting the pull")?;
+    let pull_pid = pull.id() as libc::pid_t;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut from_peer_at_kill = 0;
+    while Instant::now() < deadline {
+        from_peer_at_kill = downloaded(&c);
+        if from_peer_at_kill > 20 << 20 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let _ = share.child.kill();
+    let _ = share.child.wait();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(pull.wait_with_output());
+    });
+    let out = match rx.recv_timeout(Duration::from_secs(300)) {
+        Ok(out) => out?,
+        Err(_) => {
+            // SAFETY: our own child, not yet reaped.
+            unsafe { libc::kill(pull_pid, libc::SIGKILL) };
+            bail!("pull did not finish after A was killed");
+        }
+    };
+    ensure!(out.status.success(), "pull on C: {}", text(&out));
+    ensure!(
+        from_peer_at_kill > 20 << 20,
+        "A was not killed mid-transfer"
+    );
+    expect_same_image(&a, &reference, &c, &via_relay)?;
+    let from_registry = relay.bytes_down();
+    eprintln!(
+        "A killed with {from_peer_at_kill} bytes downloaded; registry then sent {from_registry} of {layer_bytes}"
+    );
+    ensure!(
+        from_registry + (from_peer_at_kill / 2) <= layer_bytes + (1 << 20),
+        "C refetched from the registry what A had given: {from_registry} of {layer_bytes}"
+    );
+    Ok(())
+}
