@@ -4,7 +4,7 @@
 set -euo pipefail
 
 packages=(docker-registry skopeo umoci podman runc fuse3 busybox-static debootstrap containerd
-  hyperfine libseccomp-dev pkg-config attr libcap2-bin curl apache2-utils jq iproute2 time)
+  hyperfine libseccomp-dev pkg-config attr libcap2-bin curl apache2-utils jq iproute2 time uidmap)
 
 missing=()
 for p in "${packages[@]}"; do

@@ -27,3 +27,5 @@ echo "== cargo test"
 # Two test threads: the end-to-end tests run registries and real image pulls, and this
 # machine class has two cores.
 cargo test --workspace --locked -- --test-threads=2
+echo "== comparison suite, quick mode (fails only if the suite itself breaks, not if fd is slower)"
+FD=target/debug/fd bash benches/compare.sh --quick

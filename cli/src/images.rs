@@ -81,15 +81,42 @@ pub(crate) fn list(args: ImagesArgs) -> Result<()> {
     for img in &images {
         writeln!(
             out,
-            "{:width$}  {:12}  {:>10}  {:>7}  {}",
+            "{:width$}  {:12}  {:>10}  {:>7}  {}{}",
             img.reference,
             output::short_digest(&img.manifest_digest),
             output::bytes(img.size),
             img.chunks,
             ago(now - img.pulled),
+            lazy_note(&store, img),
         )?;
     }
     Ok(())
+}
+
+/// For a lazy image (metadata only; contents stream from team peers on first read), a note
+/// saying so and how much of its contents this store holds; empty for a complete image.
+fn lazy_note(store: &Store, img: &ImageRecord) -> String {
+    if !img.lazy {
+        return String::new();
+    }
+    let stored = load_file_index(store, img).ok().map(|index| {
+        let chunks = index.distinct_chunks();
+        let total: u64 = chunks.iter().map(|c| u64::from(c.len)).sum();
+        let here: u64 = chunks
+            .iter()
+            .filter(|c| store.has_chunk(&c.id, c.len))
+            .map(|c| u64::from(c.len))
+            .sum();
+        if total == 0 {
+            100.0
+        } else {
+            here as f64 * 100.0 / total as f64
+        }
+    });
+    match stored {
+        Some(pct) => format!(" (lazy: {pct:.0}% of contents stored, the rest streams from peers)"),
+        None => " (lazy: contents stream from peers)".into(),
+    }
 }
 
 fn ago(secs: i64) -> String {
@@ -181,6 +208,7 @@ pub(crate) fn inspect(args: InspectArgs) -> Result<()> {
         "index_digest": img.index_digest,
         "file_index": img.file_index,
         "pulled": img.pulled,
+        "lazy": img.lazy,
         "manifest": manifest,
         "config": config,
         "layers": layers,

@@ -5,6 +5,11 @@
 //! saves the image's prefetch profile. With `--from OTHER_FD_HOME`, another store on this
 //! machine is a chunk source; an image only that store has is brought over as metadata alone
 //! (image row, manifest, config, file index), so mounting needs nothing else up front.
+//!
+//! In a store that belongs to a team, an image that neither this store nor a `--from` store
+//! has is streamed from team peers: its metadata is fetched and recorded as a lazy image, and
+//! the peers are the fetcher's last source (see `pull::open_image`). A lazy image already in
+//! the store is mounted with the peers as a source too. `fd mount` never pulls a whole image.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -17,6 +22,7 @@ use fd_lazyfs::{MountOptions, Prefetch};
 use fd_node::fetch::{ChunkSource, FetchPolicy, Fetcher, StoreSource};
 use fd_node::{ImageRecord, Store};
 
+use crate::pull::{self, IfMissing, RegistryArgs};
 use crate::{images, output};
 
 #[derive(Debug, Args)]
@@ -43,6 +49,9 @@ pub(crate) struct MountArgs {
     /// Like --uid-map, for group ids.
     #[arg(long = "gid-map", value_name = "IN:OUT:COUNT", value_parser = parse_range)]
     gid_map: Vec<IdRange>,
+    /// Registry and team-peer options, for an image streamed from team peers.
+    #[command(flatten)]
+    registry: RegistryArgs,
 }
 
 fn parse_range(s: &str) -> Result<IdRange, String> {
@@ -78,17 +87,28 @@ pub(crate) fn run(args: MountArgs) -> Result<()> {
             .with_context(|| format!("--from {}: not a usable fd store", dir.display()))?;
         sources.push(Arc::new(source));
     }
-    let image = resolve(&store, &sources, &args.reference)?;
+    let (image, streaming) = match resolve(&store, &sources, &args.reference) {
+        Ok(image) if !image.lazy => (image, None),
+        // Lazily present: its missing contents come from team peers.
+        Ok(image) => pull::open_image(&store, &args.registry, &image.reference, IfMissing::Fail)?,
+        Err(err) if fd_p2p::TeamKey::load(store.root())?.is_none() => return Err(err),
+        Err(err) => pull::open_image(&store, &args.registry, &args.reference, IfMissing::Fail)
+            .map_err(|e| anyhow!("{err:#}; {e:#}"))?,
+    };
 
-    let sources: Vec<Arc<dyn ChunkSource>> = sources
+    let mut sources: Vec<Arc<dyn ChunkSource>> = sources
         .into_iter()
         .map(|s| s as Arc<dyn ChunkSource>)
         .collect();
+    sources.extend(streaming.iter().map(|s| s.source()));
     let fetcher = Arc::new(Fetcher::new(
         store.clone(),
         sources,
         FetchPolicy::from_env(),
     ));
+    if let Some(s) = &streaming {
+        s.watch(&fetcher);
+    }
     let options = MountOptions {
         prefetch: match args.prefetch {
             PrefetchArg::Profile => Prefetch::Profile,
@@ -109,10 +129,15 @@ pub(crate) fn run(args: MountArgs) -> Result<()> {
         (Prefetch::Profile, true) => ", prefetching its profile",
         _ => "",
     };
+    let from = if streaming.is_some() {
+        " from team peers"
+    } else {
+        ""
+    };
     output::status(
         "Mounted",
         format_args!(
-            "{} at {} ({} paths, contents on demand{background})",
+            "{} at {} ({} paths, contents on demand{from}{background})",
             image.reference,
             mounted.mountpoint().display(),
             thousands(mounted.paths() as u64),

@@ -12,6 +12,7 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use fd_gateway::{BlobDesc, ClientOptions, ImageRef, Platform, RegistryClient};
+use fd_node::fetch::{ChunkSource, Fetcher};
 use fd_node::{Compression, ImageImport, ImageMeta, ImageRecord, Store};
 use futures::{StreamExt, TryStreamExt};
 
@@ -132,7 +133,6 @@ pub(crate) struct PullStats {
     pub(crate) from_peers: AtomicU64,
 }
 
-
 /// Pulls `reference`, asking team peers (when `peers` is given) before the registry.
 pub(crate) async fn pull_with_peers(
     store: &Arc<Store>,
@@ -141,10 +141,23 @@ pub(crate) async fn pull_with_peers(
     peers: Option<&fd_p2p::PeerNet>,
 ) -> Result<ImageRecord> {
     let started = Instant::now();
-    let name = reference.to_string();
     let stats = Arc::new(PullStats::default());
+    let resolved = resolve_with_peers(store, client, reference, peers, &stats).await?;
+    pull_resolved(store, client, reference, &resolved, peers, stats, started).await
+}
+
+/// Resolves `reference` to one image manifest: at its registry, which is the authority for a
+/// tag, else through team peers (when `peers` is given).
+async fn resolve_with_peers(
+    store: &Arc<Store>,
+    client: &RegistryClient,
+    reference: &ImageRef,
+    peers: Option<&fd_p2p::PeerNet>,
+    stats: &PullStats,
+) -> Result<fd_gateway::Resolved> {
+    let name = reference.to_string();
     // The registry is the authority for a tag; peers stand in only when it cannot answer.
-    let resolved = match client.resolve(reference).await {
+    Ok(match client.resolve(reference).await {
         Ok(r) => {
             let docs = r.index.iter().chain(std::iter::once(&r.manifest));
             let n: usize = docs.map(|d| d.bytes.len()).sum();
@@ -152,13 +165,25 @@ pub(crate) async fn pull_with_peers(
             r
         }
         Err(e) => match peers {
-            Some(net) => crate::peer::resolve_from_peers(net, store, reference, &stats)
+            Some(net) => crate::peer::resolve_from_peers(net, store, reference, stats)
                 .await
                 .with_context(|| format!("resolving {name} (registry: {e})"))?,
             None => return Err(e).with_context(|| format!("resolving {name}")),
         },
-    };
+    })
+}
 
+/// Pulls the image `reference` resolved to.
+async fn pull_resolved(
+    store: &Arc<Store>,
+    client: &RegistryClient,
+    reference: &ImageRef,
+    resolved: &fd_gateway::Resolved,
+    peers: Option<&fd_p2p::PeerNet>,
+    stats: Arc<PullStats>,
+    started: Instant,
+) -> Result<ImageRecord> {
+    let name = reference.to_string();
     // Already complete and current: nothing to do.
     if let Some(img) = store.image(&name)?
         && img.manifest_digest == resolved.manifest.digest
@@ -426,4 +451,327 @@ pub(crate) fn diff_ids(config: &[u8], layers: usize) -> Result<Vec<String>> {
         );
     }
     Ok(ids)
+}
+
+// # Streaming from team peers (`fd run` and `fd mount` of an image the store lacks)
+//
+// When a team peer holds an image completely, `fd run` and `fd mount` do not pull it: they
+// fetch its metadata alone (manifest, config, index, merged file index, prefetch profile),
+// record it as a *lazy* image (`ImageRecord::lazy`), and mount it with the peers as the
+// fetcher's chunk source, so each file's chunks arrive on first read. The peer node keeps
+// running for as long as the mount (a [`Streaming`]). Trust: the manifest comes from the
+// registry (or, when it cannot answer, through a team peer's tag, as for a pull); the config
+// is checked against the manifest, the file index and profile against their `blake3:` keys,
+// every chunk against its id. That the file index is the merge of the manifest's layers is
+// the word of a team member; a later `fd pull` of the image checks it in full.
+
+/// Largest file index or prefetch profile taken from a peer.
+const MAX_PEER_INDEX: u64 = 256 << 20;
+/// Largest config taken from a peer.
+const MAX_PEER_CONFIG: u64 = 4 << 20;
+
+/// What [`open_image`] does when neither the store nor a team peer has the image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum IfMissing {
+    /// Pull it (`fd run`).
+    Pull,
+    /// Fail (`fd mount`, which never pulls).
+    Fail,
+}
+
+/// The image `reference` names, for mounting, and the peers its contents stream from when it
+/// is lazily present:
+///
+/// - in the store and complete: as is, no peers;
+/// - in the store and lazy: with the team's peers as its chunk source;
+/// - not in the store, with a team peer holding it: its metadata from peers, recorded lazily,
+///   and the peers as its chunk source;
+/// - otherwise: pulled in full (peers first, then the registry), or an error with
+///   [`IfMissing::Fail`].
+pub(crate) fn open_image(
+    store: &Arc<Store>,
+    args: &RegistryArgs,
+    reference: &str,
+    if_missing: IfMissing,
+) -> Result<(ImageRecord, Option<Streaming>)> {
+    let local = crate::images::find(store, reference);
+    if let Ok(image) = &local
+        && !image.lazy
+    {
+        return Ok((image.clone(), None));
+    }
+    if let Ok(image) = &local
+        && every_chunk_stored(store, image)?
+    {
+        // Lazy, but everything has been fetched already: no peer is needed.
+        return Ok((image.clone(), None));
+    }
+    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    if let Ok(image) = local {
+        let net = runtime.block_on(start_peers(store, args))?;
+        let Some(net) = net.filter(|n| !n.candidates().is_empty()) else {
+            tracing::warn!(
+                "{} is only partly in this store and no team peer is reachable: contents not \
+                 stored here cannot be read (`fd pull` makes the image complete)",
+                image.reference
+            );
+            return Ok((image, None));
+        };
+        let streaming = Streaming::new(runtime, net, &image, 0);
+        return Ok((image, Some(streaming)));
+    }
+
+    let parsed = ImageRef::parse(reference)?;
+    let client = args.client()?;
+    let Some(net) = runtime.block_on(start_peers(store, args))? else {
+        if if_missing == IfMissing::Fail {
+            return local.map(|i| (i, None));
+        }
+        let image = runtime.block_on(pull_with_peers(store, &client, &parsed, None))?;
+        runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+        return Ok((image, None));
+    };
+    let outcome = runtime.block_on(async {
+        let started = Instant::now();
+        let stats = Arc::new(PullStats::default());
+        let resolved = resolve_with_peers(store, &client, &parsed, Some(&net), &stats).await?;
+        let name = parsed.to_string();
+        if let Some(image) = stream_metadata(store, &client, &name, &resolved, &net, &stats).await?
+        {
+            return Ok(Opened::Streamed(
+                image,
+                stats.from_peers.load(Ordering::Relaxed),
+            ));
+        }
+        match if_missing {
+            IfMissing::Fail => bail!(
+                "{parsed} is not in this store and no team peer holds it ({})",
+                output::short_digest(&resolved.manifest.digest)
+            ),
+            IfMissing::Pull => pull_resolved(
+                store,
+                &client,
+                &parsed,
+                &resolved,
+                Some(&net),
+                stats,
+                started,
+            )
+            .await
+            .map(Opened::Pulled),
+        }
+    });
+    match outcome {
+        Ok(Opened::Streamed(image, metadata_bytes)) => {
+            let streaming = Streaming::new(runtime, net, &image, metadata_bytes);
+            Ok((image, Some(streaming)))
+        }
+        other => {
+            runtime.block_on(net.shutdown());
+            runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+            other.map(|o| match o {
+                Opened::Streamed(image, _) | Opened::Pulled(image) => (image, None),
+            })
+        }
+    }
+}
+
+/// True when the store holds every chunk of the image's file view.
+fn every_chunk_stored(store: &Store, image: &ImageRecord) -> Result<bool> {
+    let index = fd_node::load_file_index(store, image)?;
+    Ok(index
+        .distinct_chunks()
+        .iter()
+        .all(|c| store.has_chunk(&c.id, c.len)))
+}
+
+enum Opened {
+    /// Recorded lazily; the number is the metadata bytes that came from peers.
+    Streamed(ImageRecord, u64),
+    Pulled(ImageRecord),
+}
+
+/// Fetches the metadata of the image `resolved` names from the team peers, checks it and
+/// records the image lazily (see the section comment). `None` when no peer holds the image
+/// completely, or what a peer gave fails a check (logged): the caller then pulls as usual.
+async fn stream_metadata(
+    store: &Arc<Store>,
+    client: &RegistryClient,
+    name: &str,
+    resolved: &fd_gateway::Resolved,
+    net: &fd_p2p::PeerNet,
+    stats: &PullStats,
+) -> Result<Option<ImageRecord>> {
+    let manifest = &resolved.manifest.digest;
+    let Some((peer, answer)) = fd_p2p::fetch::find_image(net, manifest).await else {
+        tracing::info!(manifest, "no team peer holds the image; pulling it");
+        return Ok(None);
+    };
+    let layers: Vec<String> = resolved.layers.iter().map(|l| l.digest.clone()).collect();
+    if answer.layers != layers || !answer.file_index.starts_with("blake3:") {
+        tracing::warn!(%peer, manifest, "a peer's image record does not match the manifest; pulling");
+        return Ok(None);
+    }
+    let from_peers = |got: Option<(Vec<u8>, String, u64)>| {
+        got.map(|(bytes, media_type, n)| {
+            stats.from_peers.fetch_add(n, Ordering::Relaxed);
+            (bytes, media_type)
+        })
+    };
+    // Each is checked against its key (the config's comes from the trusted manifest).
+    let blob = |key: &str, max: u64| {
+        let key = key.to_string();
+        async move {
+            fd_p2p::fetch::fetch_blob_bytes(net, store, &key, max)
+                .await
+                .unwrap_or_else(|e| {
+                    tracing::warn!(error = %e, key, "peers could not give a blob");
+                    None
+                })
+        }
+    };
+    let Some((config, _)) = from_peers(blob(&resolved.config.digest, MAX_PEER_CONFIG).await) else {
+        tracing::warn!(manifest, "no peer gave the image's config; pulling");
+        return Ok(None);
+    };
+    let Some((file_index, index_media_type)) =
+        from_peers(blob(&answer.file_index, MAX_PEER_INDEX).await)
+    else {
+        tracing::warn!(manifest, "no peer gave the image's file index; pulling");
+        return Ok(None);
+    };
+    diff_ids(&config, resolved.layers.len())?;
+    check_platform(client, &config, name)?;
+    // A profile is only a hint: one that cannot be had or read is left out.
+    let profile = match &answer.profile {
+        Some(key) => from_peers(blob(key, MAX_PEER_INDEX).await)
+            .and_then(|(bytes, _)| serde_json::from_slice::<fd_lazyfs::Profile>(&bytes).ok())
+            .filter(|p| {
+                p.version == 1
+                    && &p.manifest_digest == manifest
+                    && p.file_index == answer.file_index
+            }),
+        None => None,
+    };
+
+    let (store2, resolved2, answer_index) =
+        (store.clone(), resolved.clone(), answer.file_index.clone());
+    let reference = name.to_string();
+    let image = tokio::task::spawn_blocking(move || -> Result<ImageRecord> {
+        let import = ImageImport::begin(store2)?;
+        let r = &resolved2;
+        import.put_verified_bytes(&r.config.digest, &r.config.media_type, &config)?;
+        import.put_verified_bytes(&answer_index, &index_media_type, &file_index)?;
+        for doc in r.index.iter().chain(std::iter::once(&r.manifest)) {
+            import.put_verified_bytes(&doc.digest, &doc.media_type, &doc.bytes)?;
+        }
+        let meta = ImageMeta {
+            reference,
+            manifest_digest: r.manifest.digest.clone(),
+            index_digest: r.index.as_ref().map(|i| i.digest.clone()),
+            config_digest: r.config.digest.clone(),
+            layers: r.layers.iter().map(|l| l.digest.clone()).collect(),
+            blob_size: r.layers.iter().map(|l| l.size).sum(),
+        };
+        Ok(import.commit_lazy(meta, &answer_index)?)
+    })
+    .await??;
+    if let Some(profile) = profile {
+        // Ours now: the next mount here replays it, and replaces it with what it read.
+        if let Err(e) = fd_lazyfs::save_profile(store, &profile) {
+            tracing::warn!(error = %e, "cannot keep the peer's prefetch profile");
+        }
+    }
+    tracing::info!(%peer, reference = %image.reference, "recorded lazily; contents stream from peers");
+    Ok(Some(image))
+}
+
+/// The peer node behind a lazily present image, kept running while it is mounted: the chunk
+/// source of the mount's fetcher ([`Streaming::source`], then [`Streaming::watch`] the
+/// fetcher). When dropped, after the mount is gone, it prints one status line saying what
+/// came from peers (only when something did) and stops the node.
+pub(crate) struct Streaming {
+    /// Runs the peer node; taken (and shut down) on drop.
+    runtime: Option<tokio::runtime::Runtime>,
+    handle: tokio::runtime::Handle,
+    net: fd_p2p::PeerNet,
+    reference: String,
+    /// Bytes of file contents in the image.
+    image_size: u64,
+    /// Metadata bytes (manifest, config, file index, profile) this command took from peers.
+    metadata_bytes: u64,
+    fetcher: std::sync::OnceLock<Arc<Fetcher>>,
+}
+
+impl Streaming {
+    fn new(
+        runtime: tokio::runtime::Runtime,
+        net: fd_p2p::PeerNet,
+        image: &ImageRecord,
+        metadata_bytes: u64,
+    ) -> Streaming {
+        Streaming {
+            handle: runtime.handle().clone(),
+            runtime: Some(runtime),
+            net,
+            reference: image.reference.clone(),
+            image_size: image.size,
+            metadata_bytes,
+            fetcher: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// The team's peers as a chunk source.
+    pub(crate) fn source(&self) -> Arc<dyn ChunkSource> {
+        Arc::new(fd_p2p::PeerSource::new(
+            self.net.clone(),
+            self.handle.clone(),
+        ))
+    }
+
+    /// The fetcher whose counts the final status line reports.
+    pub(crate) fn watch(&self, fetcher: &Arc<Fetcher>) {
+        let _ = self.fetcher.set(fetcher.clone());
+    }
+
+    /// The status line: what came from peers, and which share of the image's contents.
+    /// (With `fd mount --from` stores as well, chunks from those are counted in too.)
+    fn summary(&self) -> Option<String> {
+        let stats = self.fetcher.get().map(|f| f.stats()).unwrap_or_default();
+        let others = self
+            .fetcher
+            .get()
+            .is_some_and(|f| f.source_names().len() > 1);
+        if stats.fetched_bytes == 0 && self.metadata_bytes == 0 {
+            return None;
+        }
+        let share = if self.image_size == 0 {
+            0.0
+        } else {
+            stats.fetched_bytes as f64 * 100.0 / self.image_size as f64
+        };
+        Some(format!(
+            "{}: {} from peers{} ({} of file contents in {} chunks, {share:.1}% of the image's \
+             {}; {} of metadata)",
+            self.reference,
+            output::bytes(stats.fetched_bytes + self.metadata_bytes),
+            if others { " and --from stores" } else { "" },
+            output::bytes(stats.fetched_bytes),
+            stats.fetched,
+            output::bytes(self.image_size),
+            output::bytes(self.metadata_bytes),
+        ))
+    }
+}
+
+impl Drop for Streaming {
+    fn drop(&mut self) {
+        if let Some(line) = self.summary() {
+            output::status("Streamed", line);
+        }
+        if let Some(runtime) = self.runtime.take() {
+            runtime.block_on(self.net.shutdown());
+            runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+        }
+    }
 }

@@ -13,6 +13,11 @@
 //!
 //! If this process is killed, the helper kills the container (it gets SIGTERM as its
 //! parent-death signal) and the next `fd` command removes the rest (`clean_stale_runs`).
+//!
+//! Without root, the image is mounted through `fusermount3` with owners shifted by the
+//! user's id maps, and the helper enters a user namespace before step 2 and mounts the
+//! overlay there (see `fd_runtime::rootless`). With `-t`, this process keeps the caller's
+//! terminal in raw mode while the helper relays the container's pty (`fd_runtime::tty`).
 
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -25,8 +30,10 @@ use clap::{Args, ValueEnum};
 use fd_lazyfs::{MountOptions, Prefetch};
 use fd_node::Store;
 use fd_node::fetch::{FetchPolicy, Fetcher};
+use fd_runtime::container::RootlessPlan;
 use fd_runtime::container::is_dev_null;
-use fd_runtime::spec::Volume;
+use fd_runtime::rootless::{self, UserNamespace};
+use fd_runtime::spec::{Rootless, Volume};
 use fd_runtime::{
     HelperPlan, ImageConfig, NetMode, RunDir, RunRequest, RuntimeError, SpecInput, build_spec,
     paths, plan_process, signals, user,
@@ -46,7 +53,7 @@ pub(crate) struct RunArgs {
     /// Keep stdin open and connected to the container.
     #[arg(short, long)]
     interactive: bool,
-    /// Give the container a pseudo-terminal (not supported yet).
+    /// Give the container a pseudo-terminal (with -i: an interactive session).
     #[arg(short, long)]
     tty: bool,
     /// Set an environment variable (KEY=VALUE, or KEY to take it from this environment).
@@ -113,15 +120,23 @@ fn fail(err: anyhow::Error) -> ! {
 }
 
 pub(crate) fn run(args: RunArgs) -> Result<()> {
-    if args.tty {
-        bail!("fd run -t: pseudo-terminals are not supported yet; use -i for interactive input");
-    }
-    fd_runtime::require_root()?;
+    // Without root the run goes through a user namespace; check first what the machine
+    // allows, before anything is pulled or mounted.
+    // Exits 125, as every failure of the runtime itself does.
+    let userns = if rootless::is_rootless() {
+        match UserNamespace::for_current_user().and_then(|ns| rootless::preflight(&ns).map(|()| ns))
+        {
+            Ok(ns) => Some(ns),
+            Err(err) => fail(anyhow!(err)),
+        }
+    } else {
+        None
+    };
     // Before any thread exists, so every thread inherits the mask and the signals reach the
     // wait loop below (std's Command clears the mask again in the helper).
     let waited = signals::waited();
     signals::block(&waited).context("blocking signals")?;
-    let code = match run_container(&args, &waited) {
+    let code = match run_container(&args, userns.as_ref(), &waited) {
         Ok(code) => code,
         Err(err) => fail(err),
     };
@@ -190,20 +205,30 @@ fn host_name() -> String {
         .unwrap_or_else(|_| "localhost".into())
 }
 
-/// Finds the image, pulling it when the store lacks it.
-fn image(store: &Arc<Store>, args: &RunArgs) -> Result<fd_node::ImageRecord> {
-    if let Ok(image) = images::find(store, &args.reference) {
-        return Ok(image);
+/// Finds the image. When the store lacks it and a team peer holds it, only its metadata is
+/// fetched and its contents stream from the peers on first read (the returned `Streaming`
+/// keeps the peer node up for the run and prints what came from peers when dropped, at the
+/// end of the run); when no peer holds it, it is pulled. See `pull::open_image`.
+fn image(
+    store: &Arc<Store>,
+    args: &RunArgs,
+) -> Result<(fd_node::ImageRecord, Option<pull::Streaming>)> {
+    if let Ok(image) = images::find(store, &args.reference)
+        && !image.lazy
+    {
+        return Ok((image, None));
     }
-    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
-    let image = runtime.block_on(pull::pull_as_asked(store, &args.registry, &args.reference))?;
-    runtime.shutdown_timeout(Duration::from_secs(1));
-    Ok(image)
+    pull::open_image(
+        store,
+        &args.registry,
+        &args.reference,
+        pull::IfMissing::Pull,
+    )
 }
 
-fn run_container(args: &RunArgs, waited: &[i32]) -> Result<i32> {
+fn run_container(args: &RunArgs, userns: Option<&UserNamespace>, waited: &[i32]) -> Result<i32> {
     let store = Arc::new(Store::open_default().context("opening the store")?);
-    let image = image(&store, args)?;
+    let (image, streaming) = image(&store, args)?;
     let config = store
         .read_blob(&image.config_digest)
         .with_context(|| format!("reading the config of {}", image.reference))?;
@@ -229,17 +254,25 @@ fn run_container(args: &RunArgs, waited: &[i32]) -> Result<i32> {
         .collect::<Result<Vec<_>>>()?;
 
     let run = RunDir::create(store.root())?;
+    // A lazily present image's missing chunks come from team peers.
+    let sources = streaming.iter().map(|s| s.source()).collect();
     let fetcher = Arc::new(Fetcher::new(
         store.clone(),
-        Vec::new(),
+        sources,
         FetchPolicy::from_env(),
     ));
+    if let Some(s) = &streaming {
+        s.watch(&fetcher);
+    }
     let options = MountOptions {
         prefetch: Prefetch::Profile,
         // The container's users are not this process's user.
         allow_other: true,
-        // A root file system needs its setuid programs and device nodes.
-        suid_and_devices: true,
+        // A root file system needs its setuid programs and device nodes (fusermount3 never
+        // allows them to a user, and a user namespace could not use them anyway).
+        suid_and_devices: userns.is_none(),
+        // In a user namespace the image's owners must show through its maps.
+        id_map: userns.map(UserNamespace::id_map).unwrap_or_default(),
         ..MountOptions::default()
     };
     let mounted = match fd_lazyfs::mount(fetcher, &image, &run.lower(), &options) {
@@ -250,9 +283,17 @@ fn run_container(args: &RunArgs, waited: &[i32]) -> Result<i32> {
         }
     };
     let outcome = (|| -> Result<i32> {
-        run.mount_overlay()?;
-        let rootfs = run.rootfs();
-        let identity = user::resolve_user(&rootfs, &plan.user)?;
+        // Without root the helper mounts the overlay in its own mount namespace (see
+        // fd_runtime::rootless), so the image is looked into through the lazyfs mount, and a
+        // missing working directory is made in the writable layer.
+        let (rootfs, view, writable) = match userns {
+            None => {
+                run.mount_overlay()?;
+                (run.rootfs(), run.rootfs(), run.rootfs())
+            }
+            Some(_) => (run.rootfs(), run.lower(), run.dir.join("upper")),
+        };
+        let identity = user::resolve_user(&view, &plan.user)?;
         plan.env_default("HOME", identity.home.as_deref().unwrap_or("/"));
         let hostname = args.hostname.clone().unwrap_or_else(|| match args.net {
             NetArg::Host => host_name(),
@@ -260,11 +301,16 @@ fn run_container(args: &RunArgs, waited: &[i32]) -> Result<i32> {
         });
         plan.env_default("HOSTNAME", &hostname);
         let path_var = plan.env_value("PATH").unwrap_or_default().to_string();
-        paths::find_command(&rootfs, &plan.args[0], &path_var, &plan.cwd)?;
-        let cwd = paths::resolve_in_root(&rootfs, &plan.cwd)
+        paths::find_command(&view, &plan.args[0], &path_var, &plan.cwd)?;
+        let cwd = paths::resolve_in_root(&view, &plan.cwd)
             .with_context(|| format!("working directory {}", plan.cwd))?;
         if !cwd.exists() {
+            let cwd = paths::resolve_in_root(&writable, &plan.cwd)
+                .with_context(|| format!("working directory {}", plan.cwd))?;
             fs_err::create_dir_all(&cwd).context("creating the working directory")?;
+        }
+        if userns.is_some() {
+            tracing::debug!("rootless run: no cgroup (none is delegated to this user)");
         }
         let (resolv_conf, hosts, hostname_file) =
             run.write_etc(&hostname, args.net == NetArg::Host)?;
@@ -275,7 +321,7 @@ fn run_container(args: &RunArgs, waited: &[i32]) -> Result<i32> {
             env: plan.env.clone(),
             cwd: plan.cwd.clone(),
             identity,
-            terminal: false,
+            terminal: args.tty,
             hostname,
             net: match args.net {
                 NetArg::Host => NetMode::Host,
@@ -286,6 +332,9 @@ fn run_container(args: &RunArgs, waited: &[i32]) -> Result<i32> {
             hosts,
             hostname_file,
             cgroups_path: run.cgroups_path(),
+            rootless: userns.map(|ns| Rootless {
+                namespace: ns.clone(),
+            }),
         })?;
         let config_path = run.dir.join("config.json");
         spec.save(&config_path)
@@ -296,9 +345,18 @@ fn run_container(args: &RunArgs, waited: &[i32]) -> Result<i32> {
             state_root: run.state(),
             parent_pid: std::process::id() as i32,
             stop_grace_ms: STOP_GRACE.as_millis() as u64,
+            tty: args.tty,
+            rootless: userns.map(RootlessPlan::new),
         };
         let plan_path = run.dir.join("helper.json");
         helper_plan.write(&plan_path)?;
+        // Keys go to the container's terminal as typed (Ctrl-C included) while it runs; the
+        // guard restores the caller's settings however the run ends.
+        let _raw = if args.tty {
+            fd_runtime::tty::RawMode::enable(0).context("putting the terminal in raw mode")?
+        } else {
+            None
+        };
         run_helper_process(&plan_path, args.interactive, &run, waited)
     })();
     // The overlay goes before the lazyfs mount it sits on.

@@ -43,7 +43,7 @@ pub use mount::{
 pub use profile::{PROFILE_MEDIA_TYPE, Prefetch, Profile, load_profile, save_profile};
 pub use records::{
     MountRecord, UnmountOutcome, clean_stale_mounts, clean_stale_mounts_default, is_fd_mount,
-    read_records, unmount_dir,
+    process_start_time, read_records, unmount_dir,
 };
 
 /// Shorthand for results in this crate.

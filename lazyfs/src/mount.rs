@@ -167,7 +167,7 @@ pub fn mount(
     let session = match mount_direct(&mountpoint, &fsname, options) {
         Ok(Some(fd)) => Session::from_fd(fs, fd, config.acl, config.clone()).map(|s| (s, None)),
         // Not root: fuser mounts through the setuid fusermount3.
-        Ok(None) => Session::new(fs, &mountpoint, &config).map(|mut s| {
+        Ok(None) => Session::new(fs, &mountpoint, &user_mount_config(&config)).map(|mut s| {
             let unmounter = s.unmount_callable();
             (s, Some(unmounter))
         }),
@@ -223,6 +223,20 @@ pub fn mount(
         profile_loaded: profile.map(|p| p.file_index),
         done: false,
     })
+}
+
+/// The mount options for a mount made without root.
+///
+/// fuser 0.18 first tries to open /dev/fuse itself and, when the device is root-only (mode
+/// 0600, as on Debian), returns that EACCES instead of falling back to `fusermount3`. Only
+/// `auto_unmount` makes it go to `fusermount3` directly, so a user's mount asks for it; it
+/// also means the kernel mount goes away when this process dies, whatever the way.
+fn user_mount_config(config: &Config) -> Config {
+    let mut config = config.clone();
+    if !config.mount_options.contains(&MountOption::AutoUnmount) {
+        config.mount_options.push(MountOption::AutoUnmount);
+    }
+    config
 }
 
 /// Mounts a FUSE file system at `mountpoint` with mount(2) and returns the /dev/fuse
@@ -477,4 +491,23 @@ pub fn wait_for_stop_signal(timeout: Duration) -> Option<i32> {
     // SAFETY: `set` and `ts` are valid for the call; no siginfo is requested.
     let sig = unsafe { libc::sigtimedwait(&set, std::ptr::null_mut(), &ts) };
     (sig > 0).then_some(sig)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_user_mount_goes_through_fusermount3() {
+        // fuser 0.18 reaches fusermount3 only with auto_unmount (see user_mount_config).
+        let mut config = Config::default();
+        config.mount_options = vec![MountOption::RO];
+        let user = user_mount_config(&config);
+        assert!(user.mount_options.contains(&MountOption::AutoUnmount));
+        assert!(user.mount_options.contains(&MountOption::RO));
+        assert_eq!(
+            user_mount_config(&user).mount_options.len(),
+            user.mount_options.len()
+        );
+    }
 }

@@ -130,8 +130,9 @@ fn parse_record(bytes: &[u8], file: PathBuf) -> Option<MountRecord> {
     })
 }
 
-/// Start time of a running process, None when it does not exist or is a zombie.
-fn process_start_time(pid: i32) -> Option<u64> {
+/// Start time of a running process (clock ticks since boot), None when it does not exist or is
+/// a zombie. With the pid it identifies a process even after the pid is reused.
+pub fn process_start_time(pid: i32) -> Option<u64> {
     if pid <= 0 {
         return None;
     }

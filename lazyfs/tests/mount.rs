@@ -128,6 +128,7 @@ fn fixture(delay: Duration) -> Result<Fixture, Box<dyn std::error::Error>> {
         blob_size: 0,
         chunks: 0,
         pulled: 0,
+        lazy: false,
     };
     let source = Arc::new(Slow {
         chunks: remote,

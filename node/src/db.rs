@@ -52,10 +52,42 @@ CREATE TABLE IF NOT EXISTS images (
     chunks          INTEGER NOT NULL,
     pulled          INTEGER NOT NULL
 );
+-- Images present lazily: their metadata (manifest, config, index, merged file index) is
+-- stored and verified, but not their layers; file contents are fetched from team peers on
+-- first read. A row here qualifies the images row of the same reference, and goes with it.
+-- A separate table rather than a column, so stores made before it need no migration.
+CREATE TABLE IF NOT EXISTS lazy_images (
+    reference TEXT PRIMARY KEY
+);
 ";
 
 /// Opens (creating if needed) the database and checks its schema version.
 pub(crate) fn open(path: &Path) -> Result<Connection> {
+    // Several processes may create the same new store at once (parallel pulls into a fresh
+    // FD_HOME). Switching a new database to WAL needs the file alone, and SQLite reports a
+    // concurrent switch as "database is locked" at once rather than waiting in its busy
+    // handler, so the whole opening is retried for a bounded time.
+    const OPEN_ATTEMPTS: u32 = 100;
+    let mut attempt = 1;
+    loop {
+        match open_once(path) {
+            Err(NodeError::Db { source, .. }) if attempt < OPEN_ATTEMPTS && is_busy(&source) => {
+                attempt += 1;
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            other => return other,
+        }
+    }
+}
+
+fn is_busy(e: &rusqlite::Error) -> bool {
+    matches!(
+        e.sqlite_error_code(),
+        Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
+    )
+}
+
+fn open_once(path: &Path) -> Result<Connection> {
     let err = |e| NodeError::db(path, e);
     let conn = Connection::open(path).map_err(err)?;
     conn.busy_timeout(std::time::Duration::from_millis(BUSY_TIMEOUT_MS.into()))
@@ -97,4 +129,33 @@ pub(crate) fn open(path: &Path) -> Result<Connection> {
         }
     }
     Ok(conn)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn db_many_processes_can_create_one_new_store_at_once() -> Result<()> {
+        for _ in 0..10 {
+            let dir = tempfile::tempdir()?;
+            let path = dir.path().join("fd.db");
+            let barrier = std::sync::Arc::new(std::sync::Barrier::new(8));
+            let handles: Vec<_> = (0..8)
+                .map(|_| {
+                    let (path, barrier) = (path.clone(), barrier.clone());
+                    std::thread::spawn(move || {
+                        barrier.wait();
+                        open(&path).map(|_| ())
+                    })
+                })
+                .collect();
+            for h in handles {
+                h.join().map_err(|_| NodeError::Missing {
+                    what: "thread".into(),
+                })??;
+            }
+        }
+        Ok(())
+    }
 }

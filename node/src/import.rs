@@ -187,6 +187,57 @@ impl ImageImport {
             blob_size: meta.blob_size,
             chunks: merged.distinct_chunks().len() as u64,
             pulled: now(),
+            lazy: false,
+        };
+        self.store.sync()?;
+        self.store.put_image(&record)?;
+        Ok(record)
+    }
+
+    /// Records a *lazy* image ([`ImageRecord::lazy`]): one whose layers stay with team peers.
+    /// Its manifest, config (and index) blobs and its merged file index `file_index` must
+    /// already be stored, each checked against its key by the caller; the layers named in
+    /// `meta` need not be. The file index is read back (checked against its `blake3:` key) and
+    /// decoded, so a malformed one is refused here rather than at mount; then the store is
+    /// synced and the row is written with its lazy mark, in one transaction.
+    ///
+    /// An image already complete under this reference and manifest is left as it is (a
+    /// concurrent full pull won the race) and returned.
+    pub fn commit_lazy(self, meta: ImageMeta, file_index: &str) -> Result<ImageRecord> {
+        if let Some(existing) = self.store.image(&meta.reference)?
+            && !existing.lazy
+            && existing.manifest_digest == meta.manifest_digest
+        {
+            return Ok(existing);
+        }
+        for key in [
+            Some(&meta.manifest_digest),
+            Some(&meta.config_digest),
+            meta.index_digest.as_ref(),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            if !self.store.has_blob(key)? {
+                return Err(NodeError::Missing {
+                    what: format!("blob {key}"),
+                });
+            }
+        }
+        let bytes = self.store.read_blob(file_index)?;
+        let merged: index::FileIndex = index::decode(file_index, &bytes)?;
+        let record = ImageRecord {
+            reference: meta.reference,
+            manifest_digest: meta.manifest_digest,
+            index_digest: meta.index_digest,
+            config_digest: meta.config_digest,
+            layers: meta.layers,
+            file_index: file_index.to_string(),
+            size: merged.content_bytes(),
+            blob_size: meta.blob_size,
+            chunks: merged.distinct_chunks().len() as u64,
+            pulled: now(),
+            lazy: true,
         };
         self.store.sync()?;
         self.store.put_image(&record)?;

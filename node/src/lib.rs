@@ -16,6 +16,12 @@
 //! Nothing becomes visible as an image until all of its blobs, chunks and indexes are durable:
 //! [`import::ImageImport::commit`] syncs the store and then writes the image row in one
 //! transaction. [`gc`] removes what no image needs, including whatever a killed pull left.
+//!
+//! The one exception is a *lazy* image ([`ImageRecord::lazy`], written by
+//! [`import::ImageImport::commit_lazy`]): only its metadata (manifest, config, index, merged
+//! file index) is stored, its layers stay with team peers and its file contents arrive chunk
+//! by chunk as they are read. Its row carries the mark so nobody takes it for complete; gc
+//! keeps its metadata and whatever of its chunks are stored.
 
 pub mod error;
 pub mod fetch;

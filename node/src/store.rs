@@ -116,6 +116,10 @@ pub struct ImageRecord {
     pub chunks: u64,
     /// Unix seconds of the pull.
     pub pulled: i64,
+    /// Present lazily: only the metadata (manifest, config, index, file index) is stored, not
+    /// the layers; file contents are fetched from team peers on first read, and whatever was
+    /// fetched is kept. `false` means the image is complete.
+    pub lazy: bool,
 }
 
 /// The file view of one layer as stored.
@@ -467,14 +471,20 @@ impl Store {
     // # Images
 
     /// Writes an image row. Call only after every blob, layer and index it names is stored and
-    /// [`Store::sync`] has run: this row is what makes the image visible.
+    /// [`Store::sync`] has run: this row is what makes the image visible. For a lazy image
+    /// ([`ImageRecord::lazy`]) only the manifest, config, index and file index need be stored.
+    /// The lazy mark is set or cleared in the same transaction, so a full pull over a lazy
+    /// image makes it complete at once.
     pub fn put_image(&self, img: &ImageRecord) -> Result<()> {
         let layers = serde_json::to_string(&img.layers).map_err(|e| NodeError::Decode {
             what: "layer list".into(),
             reason: e.to_string(),
         })?;
-        let db = self.db()?;
-        db.execute(
+        let mut db = self.db()?;
+        let tx = db
+            .transaction()
+            .map_err(|e| NodeError::db(&self.db_path, e))?;
+        tx.execute(
             "INSERT OR REPLACE INTO images (reference, manifest_digest, index_digest,
                 config_digest, layers, file_index, size, blob_size, chunks, pulled)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
@@ -492,7 +502,36 @@ impl Store {
             ],
         )
         .map_err(|e| NodeError::db(&self.db_path, e))?;
-        Ok(())
+        let mark = if img.lazy {
+            "INSERT OR IGNORE INTO lazy_images (reference) VALUES (?1)"
+        } else {
+            "DELETE FROM lazy_images WHERE reference = ?1"
+        };
+        tx.execute(mark, [&img.reference])
+            .map_err(|e| NodeError::db(&self.db_path, e))?;
+        tx.commit().map_err(|e| NodeError::db(&self.db_path, e))
+    }
+
+    /// Complete images (not lazy ones) whose manifest is `manifest_digest`, under any name.
+    pub fn complete_images_with_manifest(&self, manifest_digest: &str) -> Result<Vec<ImageRecord>> {
+        Ok(self
+            .query_images("manifest_digest = ?1", &[&manifest_digest])?
+            .into_iter()
+            .filter(|i| !i.lazy)
+            .collect())
+    }
+
+    /// The object key of the image's prefetch profile, if one was saved (lazyfs writes the
+    /// pointer file `profiles/<hex of the manifest digest>`). The object itself may be gone.
+    pub fn profile_key(&self, manifest_digest: &str) -> Option<String> {
+        let hex = manifest_digest
+            .rsplit(':')
+            .next()
+            .unwrap_or(manifest_digest);
+        std::fs::read_to_string(self.root.join("profiles").join(hex))
+            .ok()
+            .map(|k| k.trim().to_string())
+            .filter(|k| !k.is_empty())
     }
 
     pub fn images(&self) -> Result<Vec<ImageRecord>> {
@@ -536,12 +575,18 @@ impl Store {
         })
     }
 
-    /// Removes an image row. Its chunks stay until `fd gc`.
+    /// Removes an image row (and its lazy mark). Its chunks stay until `fd gc`.
     pub fn remove_image(&self, reference: &str) -> Result<bool> {
-        let db = self.db()?;
-        let n = db
+        let mut db = self.db()?;
+        let tx = db
+            .transaction()
+            .map_err(|e| NodeError::db(&self.db_path, e))?;
+        let n = tx
             .execute("DELETE FROM images WHERE reference = ?1", [reference])
             .map_err(|e| NodeError::db(&self.db_path, e))?;
+        tx.execute("DELETE FROM lazy_images WHERE reference = ?1", [reference])
+            .map_err(|e| NodeError::db(&self.db_path, e))?;
+        tx.commit().map_err(|e| NodeError::db(&self.db_path, e))?;
         Ok(n > 0)
     }
 
@@ -553,7 +598,8 @@ impl Store {
         let db = self.db()?;
         let sql = format!(
             "SELECT reference, manifest_digest, index_digest, config_digest, layers, file_index,
-                    size, blob_size, chunks, pulled
+                    size, blob_size, chunks, pulled,
+                    EXISTS (SELECT 1 FROM lazy_images l WHERE l.reference = images.reference)
              FROM images WHERE {filter} ORDER BY reference"
         );
         let mut stmt = db
@@ -574,6 +620,7 @@ impl Store {
                         blob_size: r.get::<_, i64>(7)? as u64,
                         chunks: r.get::<_, i64>(8)? as u64,
                         pulled: r.get(9)?,
+                        lazy: r.get(10)?,
                     },
                     layers,
                 ))

@@ -272,9 +272,45 @@ pub async fn resolve_tag(net: &PeerNet, reference: &str) -> Option<(PeerId, Stri
     None
 }
 
+/// Asks peers, best first, for their record of the complete image whose manifest is
+/// `manifest_digest` (see [`Request::Image`]). Peers that do not know the request (older
+/// nodes) or do not hold the image are skipped.
+pub async fn find_image(
+    net: &PeerNet,
+    manifest_digest: &str,
+) -> Option<(PeerId, proto::ImageAnswer)> {
+    for peer in net.candidates() {
+        match net
+            .request(
+                peer,
+                Request::Image {
+                    manifest_digest: manifest_digest.to_string(),
+                },
+            )
+            .await
+        {
+            Ok(Response::Image(Some(answer))) => return Some((peer, answer)),
+            Ok(_) => {}
+            Err(e) => tracing::debug!(%peer, error = %e, "Image failed"),
+        }
+    }
+    None
+}
+
+/// How long one chunk request through a [`PeerSource`] keeps retrying while every peer that
+/// has the chunk answers `Busy` (the fetcher's own time limit usually ends it first).
+const SOURCE_BUSY_PATIENCE: Duration = Duration::from_secs(20);
+/// Pause between rounds of `Busy` answers for a single chunk: one chunk is quick to serve.
+const SOURCE_BUSY_PAUSE: Duration = Duration::from_millis(20);
+
 /// A [`ChunkSource`] that asks team peers: lets the node's fetcher (and so lazyfs) stream
 /// chunks from peers. Must be called from outside the runtime that runs the node (the
 /// fetcher calls sources on helper threads).
+///
+/// Each chunk is asked of the connected peers, best ranked first; a peer that does not hold it
+/// is skipped, one whose answer fails verification is ranked down. When the only peers that
+/// could answer are busy (at their upload cap), the request waits briefly and asks again,
+/// so a read is not failed for a moment of load.
 pub struct PeerSource {
     net: PeerNet,
     runtime: tokio::runtime::Handle,
@@ -285,6 +321,50 @@ impl PeerSource {
     pub fn new(net: PeerNet, runtime: tokio::runtime::Handle) -> PeerSource {
         PeerSource { net, runtime }
     }
+}
+
+/// What one round over the peers gave for one chunk.
+enum Round {
+    Got(Vec<u8>),
+    /// Some peer was busy: worth another round.
+    Busy,
+    /// Nobody has it (or every answer failed).
+    Nobody,
+}
+
+async fn ask_peers_once(net: &PeerNet, want: &ChunkWant) -> Round {
+    let mut busy = false;
+    for peer in net.candidates() {
+        let answer = net
+            .request(
+                peer,
+                Request::Chunks {
+                    wants: vec![want.clone()],
+                },
+            )
+            .await;
+        match answer {
+            Ok(Response::Chunks(mut a)) if a.len() == 1 => {
+                let Some(enc) = a.pop().and_then(|a| a.encoded) else {
+                    continue;
+                };
+                match proto::verify_answer(want, &enc.0) {
+                    Ok(data) => {
+                        net.received(&peer, data.len() as u64);
+                        return Round::Got(data);
+                    }
+                    Err(e) => {
+                        tracing::warn!(%peer, error = %e, "peer sent a chunk that failed verification");
+                        net.penalize(&peer);
+                    }
+                }
+            }
+            Ok(Response::Busy) => busy = true,
+            Ok(other) => tracing::debug!(%peer, ?other, "unexpected answer to Chunks"),
+            Err(e) => tracing::debug!(%peer, error = %e, "Chunks failed"),
+        }
+    }
+    if busy { Round::Busy } else { Round::Nobody }
 }
 
 impl ChunkSource for PeerSource {
@@ -298,32 +378,23 @@ impl ChunkSource for PeerSource {
             len,
             range: None,
         };
-        let net = self.net.clone();
-        let result: Result<Option<Vec<u8>>> = self.runtime.block_on(async move {
-            for peer in net.candidates() {
-                match net
-                    .request(
-                        peer,
-                        Request::Chunks {
-                            wants: vec![want.clone()],
-                        },
-                    )
-                    .await
-                {
-                    Ok(Response::Chunks(mut a)) if a.len() == 1 => {
-                        let Some(enc) = a.pop().and_then(|a| a.encoded) else {
-                            continue;
-                        };
-                        match proto::verify_answer(&want, &enc.0) {
-                            Ok(data) => return Ok(Some(data)),
-                            Err(_) => net.penalize(&peer),
-                        }
-                    }
-                    _ => continue,
+        // Rounds are driven one by one and the pause is a plain sleep of this (helper) thread,
+        // so nothing here needs the runtime's timer, which may already be shutting down when a
+        // mount's last prefetch ends.
+        let deadline = std::time::Instant::now() + SOURCE_BUSY_PATIENCE;
+        let result: Result<Option<Vec<u8>>> = loop {
+            match self.runtime.block_on(ask_peers_once(&self.net, &want)) {
+                Round::Got(data) => break Ok(Some(data)),
+                Round::Nobody => break Ok(None),
+                Round::Busy if std::time::Instant::now() >= deadline => {
+                    break Err(P2pError::Peer {
+                        peer: "every peer holding it".into(),
+                        reason: format!("busy for {} s", SOURCE_BUSY_PATIENCE.as_secs()),
+                    });
                 }
+                Round::Busy => std::thread::sleep(SOURCE_BUSY_PAUSE),
             }
-            Ok(None)
-        });
+        };
         match result {
             Ok(Some(data)) => Ok(data),
             Ok(None) => Err(NodeError::Missing {

@@ -5,14 +5,17 @@
 //! - [`keys`]: the node's ed25519 identity (`$FD_HOME/node.key`) and the team secret
 //!   (`$FD_HOME/team.key`) with its printable token;
 //! - [`proto`]: the request-response protocol `/fd/chunks/1` over QUIC (`Have`, `Recipe`,
-//!   `Chunks`, `Tag`), its framed postcard codec, and the membership proofs every message
-//!   carries;
+//!   `Chunks`, `Tag`, and `Image`, which names an image's file index so a node can mount it
+//!   before having its layers), its framed postcard codec, and the membership proofs every
+//!   message carries;
 //! - [`book`]: the peers seen, remembered in the store so that a short-lived `fd pull` asks
 //!   them at once, with a rank lowered by bad answers;
 //! - [`net`]: the libp2p swarm (QUIC, mDNS, identify, ping, request-response), serving the
 //!   store's recorded blobs with a cap on concurrent uploads;
 //! - [`fetch`]: the client side: rebuild a blob from peers with every 16 KiB group of every
-//!   chunk verified by bao, and [`fetch::PeerSource`] for the node's chunk fetcher.
+//!   chunk verified by bao, find a peer's record of an image ([`fetch::find_image`]), and
+//!   [`fetch::PeerSource`] for the node's chunk fetcher (how lazyfs streams file contents
+//!   from peers).
 //!
 //! Trust: chunk contents are checked against their BLAKE3 ids, whole blobs by the caller
 //! against their digests. Membership is checked on every request and every answer with a

@@ -24,8 +24,8 @@ use tokio::sync::{Semaphore, mpsc, oneshot};
 use crate::book::PeerBook;
 use crate::keys::{TeamKey, load_or_create_node_key};
 use crate::proto::{
-    self, ChunkAnswer, Direction, MAX_CHUNKS_PER_REQUEST, MAX_KEYS_PER_HAVE, RecipeAnswer, Request,
-    Response, Signed,
+    self, ChunkAnswer, Direction, ImageAnswer, MAX_CHUNKS_PER_REQUEST, MAX_KEYS_PER_HAVE,
+    RecipeAnswer, Request, Response, Signed,
 };
 use crate::{P2pError, Result};
 
@@ -542,6 +542,28 @@ fn answer(store: &Store, req: Request) -> Response {
             Request::Tag { reference } => {
                 Response::Tag(store.image(&reference)?.map(|img| img.manifest_digest))
             }
+            Request::Image { manifest_digest } => {
+                // Only a complete image: a lazy one would send the asker to chunks that may
+                // be nowhere in the team.
+                let mut answer = None;
+                for img in store.complete_images_with_manifest(&manifest_digest)? {
+                    if !store.has_blob(&img.file_index)? {
+                        continue;
+                    }
+                    let profile = store
+                        .profile_key(&img.manifest_digest)
+                        .map(|k| store.has_blob(&k).map(|held| held.then_some(k)))
+                        .transpose()?
+                        .flatten();
+                    answer = Some(ImageAnswer {
+                        file_index: img.file_index,
+                        layers: img.layers,
+                        profile,
+                    });
+                    break;
+                }
+                Response::Image(answer)
+            }
         })
     })();
     result.unwrap_or_else(|e| {
@@ -571,10 +593,19 @@ mod tests {
     }
 
     async fn serve(store: Arc<Store>, tamper: bool) -> (PeerNet, Multiaddr) {
+        serve_with(store, tamper, NetConfig::default().max_uploads).await
+    }
+
+    async fn serve_with(
+        store: Arc<Store>,
+        tamper: bool,
+        max_uploads: usize,
+    ) -> (PeerNet, Multiaddr) {
         let cfg = NetConfig {
             listen: vec![loopback()],
             mdns: false,
             tamper_answers: tamper,
+            max_uploads,
             ..NetConfig::default()
         };
         let net = PeerNet::start(store, cfg).await.expect("server");
@@ -648,6 +679,112 @@ mod tests {
         assert!(net.book().rank(&id) < 0, "the liar kept its rank");
         // The penalty is remembered in the store for the next process.
         assert!(PeerBook::load(cdir.path()).rank(&id) < 0);
+        net.shutdown().await;
+        server.shutdown().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn image_records_are_offered_only_for_complete_images() {
+        let team = TeamKey::generate();
+        let index_bytes = b"a file index, as far as this test cares".to_vec();
+        let (_sd, sstore, _) = store_with_blob(&team, b"unused");
+        let file_index = sstore
+            .put_object("application/octet-stream", &index_bytes)
+            .expect("index");
+        let profile = sstore
+            .put_object("application/json", b"{}")
+            .expect("profile");
+        let record = |reference: &str, manifest: &str, lazy: bool| fd_node::ImageRecord {
+            reference: reference.into(),
+            manifest_digest: manifest.into(),
+            index_digest: None,
+            config_digest: "sha256:cc".into(),
+            layers: vec!["sha256:l1".into(), "sha256:l2".into()],
+            file_index: file_index.clone(),
+            size: 1,
+            blob_size: 1,
+            chunks: 1,
+            pulled: 0,
+            lazy,
+        };
+        sstore
+            .put_image(&record("r/complete:1", "sha256:aa", false))
+            .expect("row");
+        sstore
+            .put_image(&record("r/lazy:1", "sha256:bb", true))
+            .expect("row");
+        std::fs::create_dir_all(sstore.root().join("profiles")).expect("dir");
+        std::fs::write(sstore.root().join("profiles/aa"), format!("{profile}\n")).expect("ptr");
+        let (server, addr) = serve(sstore, false).await;
+        let (_cd, cstore, net) = client(&team, addr).await;
+
+        let (peer, answer) = fetch::find_image(&net, "sha256:aa")
+            .await
+            .expect("the complete image is offered");
+        assert_eq!(peer, server.local_peer_id());
+        assert_eq!(answer.file_index, file_index);
+        assert_eq!(answer.layers, vec!["sha256:l1", "sha256:l2"]);
+        assert_eq!(answer.profile, Some(profile));
+        assert!(
+            fetch::find_image(&net, "sha256:bb").await.is_none(),
+            "lazy image offered"
+        );
+        assert!(fetch::find_image(&net, "sha256:cc").await.is_none());
+        // The file index is a blob like any other: fetched and checked against its key.
+        let (bytes, _, _) = fetch::fetch_blob_bytes(&net, &cstore, &answer.file_index, 1 << 20)
+            .await
+            .expect("fetch")
+            .expect("held");
+        assert_eq!(bytes, index_bytes);
+        net.shutdown().await;
+        server.shutdown().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn peer_source_waits_out_a_busy_peer() {
+        use fd_node::fetch::ChunkSource;
+        let team = TeamKey::generate();
+        let bytes = data();
+        let (_sd, sstore, key) = store_with_blob(&team, &bytes);
+        let (recipe, _) = sstore.blob(&key).expect("recipe").expect("blob");
+        // One upload at a time: eight readers at once are mostly answered `Busy` at first.
+        let (server, addr) = serve_with(sstore, false, 1).await;
+        let (_cd, _cs, net) = client(&team, addr).await;
+        let source = Arc::new(fetch::PeerSource::new(
+            net.clone(),
+            tokio::runtime::Handle::current(),
+        ));
+        let chunks: Vec<_> = recipe.0.iter().take(8).copied().collect();
+        // The fetcher calls sources from plain threads, outside the runtime.
+        let threads: Vec<_> = chunks
+            .iter()
+            .map(|c| {
+                let (source, c) = (source.clone(), *c);
+                std::thread::spawn(move || source.fetch(&c.id, c.len))
+            })
+            .collect();
+        let results = tokio::task::spawn_blocking(move || {
+            threads
+                .into_iter()
+                .map(|t| t.join().expect("thread"))
+                .collect::<Vec<_>>()
+        })
+        .await
+        .expect("join");
+        for (c, got) in chunks.iter().zip(results) {
+            let got = got.expect("every chunk despite Busy answers");
+            assert_eq!(fd_chunker::ChunkId::of(&got), c.id);
+        }
+        // A chunk nobody has is `Missing`, not an error against the source.
+        let nowhere = fd_chunker::ChunkId::of(b"nowhere");
+        let s = source.clone();
+        let missing = std::thread::spawn(move || s.fetch(&nowhere, 7))
+            .join()
+            .expect("thread");
+        assert!(
+            matches!(missing, Err(fd_node::NodeError::Missing { .. })),
+            "{missing:?}"
+        );
         net.shutdown().await;
         server.shutdown().await;
     }

@@ -4,6 +4,12 @@
 //! A frame of an unknown version or above [`MAX_FRAME`] is refused before its body is read,
 //! so a peer cannot make us allocate without bound.
 //!
+//! Evolving the messages: postcard encodes an enum variant by its position, so variants are
+//! only ever appended (`Image` came after the first four). An older node cannot decode a
+//! request it does not know and drops that one stream; the asker sees a failed request and
+//! moves on to other peers, and every other request keeps working, so the frame version
+//! stays 1.
+//!
 //! Every request and every answer carries a proof of team membership: a keyed BLAKE3 (under
 //! the team key) of the direction and both peer ids. The peer ids are those QUIC's TLS
 //! authenticated, so a proof is useless to anyone else and on any other connection. A node
@@ -61,6 +67,23 @@ pub enum Request {
     Chunks { wants: Vec<ChunkWant> },
     /// The manifest digest your store records for this image reference.
     Tag { reference: String },
+    /// What you record for the complete image with this manifest: the key of its merged file
+    /// index (and of its prefetch profile), so an asker can mount it before fetching layers.
+    Image { manifest_digest: String },
+}
+
+/// A peer's record of a complete image, as the answer to [`Request::Image`]. The asker checks
+/// what it can: the layers against the manifest it trusts, the file index and profile against
+/// these `blake3:` keys as it fetches them (with `Recipe` and `Chunks`). That the file index
+/// is the merge of those layers is taken on the word of a team member, as a tag is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageAnswer {
+    /// `blake3:` key of the merged file index.
+    pub file_index: String,
+    /// Layer blob digests, lowest first.
+    pub layers: Vec<String>,
+    /// `blake3:` key of the image's prefetch profile, when the peer has one stored.
+    pub profile: Option<String>,
 }
 
 /// A blob's recipe as sent on the wire.
@@ -121,6 +144,8 @@ pub enum Response {
     Denied,
     /// The node failed to answer (its store is unreadable, say).
     Failed(String),
+    /// The answer to [`Request::Image`]; `None`: no complete image with that manifest here.
+    Image(Option<ImageAnswer>),
 }
 
 /// A message with its membership proof.
@@ -341,6 +366,38 @@ mod tests {
         huge[1..].copy_from_slice(&((MAX_FRAME as u32) + 1).to_be_bytes());
         assert!(check_header(huge).is_err());
         assert!(decode_body::<Signed<Response>>(&[0xff, 0xff, 0xff]).is_err());
+    }
+
+    #[test]
+    fn appended_variants_leave_older_encodings_unchanged() {
+        // The first four requests encode as they did before `Image` was added (variant 0..3),
+        // so nodes of either version still understand each other for those.
+        let tag = postcard::to_stdvec(&Request::Tag {
+            reference: "r".into(),
+        })
+        .expect("encode");
+        assert_eq!(tag[0], 3);
+        let image = Request::Image {
+            manifest_digest: "sha256:ab".into(),
+        };
+        let bytes = postcard::to_stdvec(&image).expect("encode");
+        assert_eq!(bytes[0], 4);
+        assert_eq!(
+            postcard::from_bytes::<Request>(&bytes).expect("decode"),
+            image
+        );
+        let answer = Response::Image(Some(ImageAnswer {
+            file_index: "blake3:00".into(),
+            layers: vec!["sha256:11".into()],
+            profile: None,
+        }));
+        let bytes = postcard::to_stdvec(&answer).expect("encode");
+        assert_eq!(
+            postcard::from_bytes::<Response>(&bytes).expect("decode"),
+            answer
+        );
+        let failed = postcard::to_stdvec(&Response::Failed("x".into())).expect("encode");
+        assert_eq!(failed[0], 6);
     }
 
     #[test]

@@ -22,7 +22,14 @@ use libcontainer::container::builder::ContainerBuilder;
 use libcontainer::syscall::syscall::SyscallType;
 use serde::{Deserialize, Serialize};
 
-use crate::{Result, RuntimeError, io_err, signals};
+use fd_lazyfs::idmap::IdRange;
+
+use crate::rootless::{self, UserNamespace};
+use crate::{Result, RuntimeError, io_err, signals, tty};
+
+/// How long the helper waits, after the container's process ended, for the rest of its
+/// terminal output to be written.
+const OUTPUT_DRAIN: Duration = Duration::from_secs(1);
 
 /// What the helper needs, written by `fd run` as JSON next to the bundle.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -37,6 +44,51 @@ pub struct HelperPlan {
     pub parent_pid: i32,
     /// How long a container may take to exit after a forwarded stop signal.
     pub stop_grace_ms: u64,
+    /// Give the container a pseudo-terminal (`-t`), relayed to the helper's stdio.
+    #[serde(default)]
+    pub tty: bool,
+    /// Without root: the user namespace the helper enters before anything else.
+    #[serde(default)]
+    pub rootless: Option<RootlessPlan>,
+}
+
+/// The user namespace of a rootless run, as `inside, outside, count` triples.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RootlessPlan {
+    pub uids: Vec<[u32; 3]>,
+    pub gids: Vec<[u32; 3]>,
+}
+
+impl RootlessPlan {
+    pub fn new(ns: &UserNamespace) -> RootlessPlan {
+        let triples = |ranges: &[IdRange]| {
+            ranges
+                .iter()
+                .map(|r| [r.inside, r.outside, r.count])
+                .collect()
+        };
+        RootlessPlan {
+            uids: triples(&ns.uids),
+            gids: triples(&ns.gids),
+        }
+    }
+
+    pub fn namespace(&self) -> UserNamespace {
+        let ranges = |triples: &[[u32; 3]]| {
+            triples
+                .iter()
+                .map(|&[inside, outside, count]| IdRange {
+                    inside,
+                    outside,
+                    count,
+                })
+                .collect()
+        };
+        UserNamespace {
+            uids: ranges(&self.uids),
+            gids: ranges(&self.gids),
+        }
+    }
 }
 
 impl HelperPlan {
@@ -81,6 +133,7 @@ pub fn run_helper(plan: &HelperPlan) -> Result<i32> {
     // Whatever mask this process was started with, the container must start with none
     // blocked: libcontainer passes the mask of its caller on to the container's process.
     signals::unblock_all().map_err(io_err("unblocking signals"))?;
+    signals::record_early(&signals::FORWARDED).map_err(io_err("handling stop signals"))?;
     // The container's first process may end up as a grandchild: reap it here either way.
     // SAFETY: prctl with these arguments only changes this process's attributes.
     unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
@@ -90,15 +143,34 @@ pub fn run_helper(plan: &HelperPlan) -> Result<i32> {
         ));
     }
 
-    let builder = ContainerBuilder::new(plan.container_id.clone(), SyscallType::Linux)
+    if let Some(rootless) = &plan.rootless {
+        // Without root: into a user namespace first, where the overlay can be mounted (in a
+        // mount namespace that ends with this process, so nothing is left to unmount).
+        rootless::enter_user_namespace(&rootless.namespace())?;
+        rootless::show_unified_cgroup_only()?;
+        crate::rundir::mount_overlay_in(&plan.bundle)?;
+    }
+    // With a terminal, libcontainer makes the pty and sends its master here; the container's
+    // stdio is the pty's slave end, so no descriptors of ours are handed over.
+    let console = if plan.tty {
+        Some(tty::bind_console_socket(&plan.bundle)?)
+    } else {
+        None
+    };
+    let mut builder = ContainerBuilder::new(plan.container_id.clone(), SyscallType::Linux)
         .with_root_path(&plan.state_root)
         .map_err(|error| RuntimeError::Container {
             step: "state directory",
             error: Box::new(error),
-        })?
-        .with_stdin(dup_stdio(0)?)
-        .with_stdout(dup_stdio(1)?)
-        .with_stderr(dup_stdio(2)?)
+        })?;
+    builder = match &console {
+        Some((_, path)) => builder.with_console_socket(Some(path)),
+        None => builder
+            .with_stdin(dup_stdio(0)?)
+            .with_stdout(dup_stdio(1)?)
+            .with_stderr(dup_stdio(2)?),
+    };
+    let builder = builder
         .validate_id()
         .map_err(|error| RuntimeError::Container {
             step: "id",
@@ -116,10 +188,23 @@ pub fn run_helper(plan: &HelperPlan) -> Result<i32> {
 
     // Blocked only now: the container's processes were forked above and keep the mask they
     // were forked with, across exec.
-    let waited = signals::waited();
+    let mut waited = signals::waited();
+    if console.is_some() {
+        waited.push(libc::SIGWINCH);
+    }
     signals::block(&waited).map_err(io_err("blocking signals"))?;
 
     let outcome = (|| {
+        // libcontainer has forked by now, so threads may start: the relay's.
+        let pty = match &console {
+            Some((listener, _)) => {
+                let master = tty::receive_master(listener)?;
+                tty::copy_window_size(master.as_raw_fd());
+                let relay = tty::Relay::start(&master)?;
+                Some((master, relay))
+            }
+            None => None,
+        };
         container.start().map_err(|error| RuntimeError::Container {
             step: "start",
             error: Box::new(error),
@@ -128,19 +213,37 @@ pub fn run_helper(plan: &HelperPlan) -> Result<i32> {
             .pid()
             .map(|p| p.as_raw())
             .ok_or_else(|| RuntimeError::Invalid("the container has no process".into()))?;
-        Ok(wait_for(pid, plan, &waited))
+        let master = pty.as_ref().map(|(m, _)| m.as_raw_fd());
+        let code = wait_for(pid, plan, &waited, master);
+        if let Some((_, relay)) = pty {
+            relay.finish(OUTPUT_DRAIN);
+        }
+        Ok(code)
     })();
 
     if let Err(error) = container.delete(true) {
         tracing::warn!(%error, "deleting the container failed");
     }
+    if plan.rootless.is_some() {
+        // The writable layer holds files of the namespace's other ids and the overlay's
+        // mode-0 work directory, which the user cannot remove from outside: remove them here,
+        // as the namespace's root.
+        crate::rundir::remove_writable_layer(&plan.bundle);
+    }
     outcome
 }
 
 /// Waits for `pid` to exit, forwarding stop signals; returns its exit status.
-fn wait_for(pid: i32, plan: &HelperPlan, waited: &[i32]) -> i32 {
+/// A terminal's window size is copied onto `master` whenever SIGWINCH comes.
+fn wait_for(pid: i32, plan: &HelperPlan, waited: &[i32], master: Option<i32>) -> i32 {
     let grace = Duration::from_millis(plan.stop_grace_ms);
     let mut kill_at: Option<Instant> = None;
+    // A stop signal that came while the container was being created is passed on now (when
+    // it meant that fd run died, the parent check below kills the container instead).
+    if let Some(sig) = signals::take_early() {
+        signals::send(pid, sig);
+        kill_at = Some(Instant::now() + grace);
+    }
     loop {
         // Reap every child that ended (the subreaper gets orphans too).
         loop {
@@ -167,6 +270,11 @@ fn wait_for(pid: i32, plan: &HelperPlan, waited: &[i32]) -> i32 {
             Some(sig) if signals::FORWARDED.contains(&sig) && getppid() == plan.parent_pid => {
                 signals::send(pid, sig);
                 kill_at.get_or_insert(Instant::now() + grace);
+            }
+            Some(libc::SIGWINCH) => {
+                if let Some(master) = master {
+                    tty::copy_window_size(master);
+                }
             }
             _ => {}
         }

@@ -14,17 +14,22 @@
 //! - [`container`]: the create/start/wait/delete cycle with libcontainer, meant to run in a
 //!   single-threaded helper process (libcontainer forks with a raw `clone3` that skips the C
 //!   library's fork handlers, so calling it from a process with other threads can deadlock the
-//!   child on a lock some other thread held).
+//!   child on a lock some other thread held);
+//! - [`tty`]: `-t`, the pty master received from libcontainer over the console socket, the
+//!   copies between it and the caller's terminal, raw mode and window size.
 //!
-//! Rootless runs (an unprivileged user mapped to root in a user namespace) are not built yet:
-//! [`require_root`] says so with a clear error.
+//! - [`rootless`]: runs without root, through a user namespace that maps the user to root
+//!   (and its `/etc/subuid` range to the other ids), with checks that name what to change
+//!   when the machine does not allow it.
 
 pub mod config;
 pub mod container;
 pub mod paths;
+pub mod rootless;
 pub mod rundir;
 pub mod signals;
 pub mod spec;
+pub mod tty;
 pub mod user;
 
 use std::path::PathBuf;
@@ -86,13 +91,6 @@ pub enum RuntimeError {
     /// The lazy root file system failed.
     #[error(transparent)]
     Lazy(#[from] fd_lazyfs::LazyError),
-
-    /// Running as a user without root is not supported yet.
-    #[error(
-        "fd run needs root for now: rootless containers (a user namespace mapping you to root, \
-         with subordinate ids from /etc/subuid) are not built yet; run it with sudo"
-    )]
-    NeedsRoot,
 }
 
 impl RuntimeError {
@@ -112,15 +110,6 @@ impl RuntimeError {
 pub(crate) fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> RuntimeError {
     let what = what.into();
     move |error| RuntimeError::Io { what, error }
-}
-
-/// Fails unless the process runs as root (rootless runs are not built yet).
-pub fn require_root() -> Result<()> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        return Err(RuntimeError::NeedsRoot);
-    }
-    Ok(())
 }
 
 /// Where the runs of the store at `store_root` keep their state.

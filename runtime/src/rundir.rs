@@ -52,19 +52,19 @@ impl ProcessId {
         let pid = std::process::id() as i32;
         Some(ProcessId {
             pid,
-            start: start_time(pid)?,
+            start: fd_lazyfs::process_start_time(pid)?,
         })
     }
 
     fn of(pid: i32) -> Option<ProcessId> {
         Some(ProcessId {
             pid,
-            start: start_time(pid)?,
+            start: fd_lazyfs::process_start_time(pid)?,
         })
     }
 
     fn is_alive(&self) -> bool {
-        start_time(self.pid) == Some(self.start)
+        fd_lazyfs::process_start_time(self.pid) == Some(self.start)
     }
 
     fn text(&self) -> String {
@@ -86,22 +86,6 @@ impl ProcessId {
             start: start?,
         })
     }
-}
-
-/// Start time of a running process (field 22 of its stat), None when gone or a zombie.
-fn start_time(pid: i32) -> Option<u64> {
-    if pid <= 0 {
-        return None;
-    }
-    let stat = std::fs::read(format!("/proc/{pid}/stat")).ok()?;
-    let close = stat.iter().rposition(|&b| b == b')')?;
-    let rest = std::str::from_utf8(&stat[close + 1..]).ok()?;
-    let mut fields = rest.split_ascii_whitespace();
-    let state = fields.next()?;
-    if state == "Z" || state == "X" {
-        return None;
-    }
-    fields.nth(18)?.parse().ok()
 }
 
 /// A new random run id: 12 hex digits.
@@ -256,15 +240,87 @@ fn sys_mount(
     }
 }
 
+/// Makes every mount of this process's mount namespace private, so that mounts made from
+/// now on stay in it.
+pub(crate) fn make_mounts_private() -> Result<()> {
+    sys_mount(
+        "none",
+        Path::new("/"),
+        "",
+        libc::MS_REC | libc::MS_PRIVATE,
+        "",
+    )
+    .map_err(io_err("making the mounts private"))
+}
+
+/// Binds `source` over `target`.
+pub(crate) fn bind_mount(source: &Path, target: &Path) -> std::io::Result<()> {
+    let source = source
+        .to_str()
+        .ok_or_else(|| std::io::Error::other("a bind source that is not UTF-8"))?;
+    sys_mount(source, target, "", libc::MS_BIND | libc::MS_REC, "")
+}
+
+/// True when `path` is the root of a cgroup v2 file system.
+pub(crate) fn is_cgroup2(path: &str) -> bool {
+    let Ok(c) = cstr(path.as_bytes()) else {
+        return false;
+    };
+    // SAFETY: statfs writes only into `st`; `c` is a valid path for the call.
+    unsafe {
+        let mut st: libc::statfs = std::mem::zeroed();
+        libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type == libc::CGROUP2_SUPER_MAGIC
+    }
+}
+
+/// Mounts an overlay of `dir`'s `lower/`, `upper/` and `work/` at its `rootfs/`.
+pub(crate) fn mount_overlay_in(dir: &Path) -> Result<()> {
+    RunDir {
+        id: String::new(),
+        dir: dir.to_path_buf(),
+    }
+    .mount_overlay()
+}
+
+/// Unmounts the overlay of the run directory `dir` and empties its `upper/` and `work/`;
+/// problems are logged (the caller removes the directory after).
+pub(crate) fn remove_writable_layer(dir: &Path) {
+    let rootfs = dir.join("rootfs");
+    if let Err(e) = unmount_overlay(&rootfs) {
+        tracing::warn!(error = %e, "unmounting the overlay");
+    }
+    for sub in ["upper", "work"] {
+        let path = dir.join(sub);
+        if let Err(e) = std::fs::remove_dir_all(&path) {
+            tracing::warn!(path = %path.display(), error = %e, "removing the writable layer");
+        }
+    }
+}
+
 fn detach(path: &Path) -> std::io::Result<()> {
     let c = cstr(path.as_os_str().as_bytes())?;
     // SAFETY: `c` is a valid NUL-terminated path for the duration of the call.
     let rc = unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
     if rc == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
+        return Ok(());
     }
+    let error = std::io::Error::last_os_error();
+    // Without root only the setuid fusermount3 may remove a user's FUSE mount (the image
+    // mount of a rootless run).
+    if error.raw_os_error() == Some(libc::EPERM) && crate::rootless::is_rootless() {
+        let status = std::process::Command::new("fusermount3")
+            .arg("-u")
+            .arg("-z")
+            .arg(path)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()?;
+        if status.success() {
+            return Ok(());
+        }
+    }
+    Err(error)
 }
 
 /// Unmounts the overlay at `path` (the container's root); a plain unmount first, a detach

@@ -81,3 +81,54 @@ pub fn unblock_all() -> std::io::Result<()> {
     }
     Ok(())
 }
+
+/// The last stop signal that came while [`record_early`]'s handler was in place.
+static EARLY: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+
+extern "C" fn remember(sig: libc::c_int) {
+    EARLY.store(sig, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Makes `signals` set a flag instead of ending the process, until they are blocked and
+/// waited for. The helper does this while libcontainer creates the container: dying there
+/// (to the SIGTERM sent when `fd run` is killed) would leave the container's first process
+/// waiting forever for a start that never comes. A handler, unlike an ignored signal, is
+/// reset by exec, so the container does not inherit it.
+pub fn record_early(signals: &[i32]) -> std::io::Result<()> {
+    for &sig in signals {
+        // SAFETY: the handler only stores into an atomic, which is async-signal-safe; the
+        // sigaction struct is fully initialised before the call.
+        let rc = unsafe {
+            let mut action: libc::sigaction = std::mem::zeroed();
+            action.sa_sigaction = remember as extern "C" fn(libc::c_int) as libc::sighandler_t;
+            action.sa_flags = libc::SA_RESTART;
+            libc::sigemptyset(&mut action.sa_mask);
+            libc::sigaction(sig, &action, std::ptr::null_mut())
+        };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// The signal recorded by [`record_early`]'s handler, if one came; clears it.
+pub fn take_early() -> Option<i32> {
+    let sig = EARLY.swap(0, std::sync::atomic::Ordering::Relaxed);
+    (sig > 0).then_some(sig)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_early_signal_is_recorded_not_fatal() -> std::io::Result<()> {
+        record_early(&[libc::SIGUSR2])?;
+        // SAFETY: raise sends a signal to this thread, whose handler was just installed.
+        unsafe { libc::raise(libc::SIGUSR2) };
+        assert_eq!(take_early(), Some(libc::SIGUSR2));
+        assert_eq!(take_early(), None);
+        Ok(())
+    }
+}

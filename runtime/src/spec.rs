@@ -17,6 +17,7 @@ use oci_spec::runtime::{
 };
 
 use crate::Result;
+use crate::rootless::UserNamespace;
 use crate::user::Identity;
 
 /// Network of the container.
@@ -57,6 +58,16 @@ pub struct SpecInput {
     pub hostname_file: PathBuf,
     /// `linux.cgroupsPath`, e.g. `/fd/<run id>`.
     pub cgroups_path: PathBuf,
+    /// Set for a run without root (see [`crate::rootless`]).
+    pub rootless: Option<Rootless>,
+}
+
+/// A rootless container: the helper has already entered the user namespace (see
+/// [`crate::rootless::enter_user_namespace`]), so the spec asks for no new one and no
+/// cgroup; the maps only decide which mount options can work.
+#[derive(Debug, Clone)]
+pub struct Rootless {
+    pub namespace: UserNamespace,
 }
 
 /// docker's default capability set.
@@ -101,7 +112,24 @@ fn bind(dest: &str, source: &std::path::Path, readonly: bool) -> Result<Mount> {
 
 /// The standard mounts, then the generated `/etc` files, then the user's volumes.
 fn mounts(input: &SpecInput) -> Result<Vec<Mount>> {
-    let mut out = vec![
+    let mut out = Vec::new();
+    // devpts' gid=5 (tty) is refused when the namespace has no gid 5 (a user without a
+    // subordinate range).
+    let devpts_tty_gid = input
+        .rootless
+        .as_ref()
+        .is_none_or(|r| r.namespace.maps_gid(5));
+    let mut devpts = vec![
+        "nosuid",
+        "noexec",
+        "newinstance",
+        "ptmxmode=0666",
+        "mode=0620",
+    ];
+    if devpts_tty_gid {
+        devpts.push("gid=5");
+    }
+    out.extend([
         mount("/proc", "proc", "proc", &["nosuid", "noexec", "nodev"])?,
         mount(
             "/dev",
@@ -109,19 +137,7 @@ fn mounts(input: &SpecInput) -> Result<Vec<Mount>> {
             "tmpfs",
             &["nosuid", "strictatime", "mode=755", "size=65536k"],
         )?,
-        mount(
-            "/dev/pts",
-            "devpts",
-            "devpts",
-            &[
-                "nosuid",
-                "noexec",
-                "newinstance",
-                "ptmxmode=0666",
-                "mode=0620",
-                "gid=5",
-            ],
-        )?,
+        mount("/dev/pts", "devpts", "devpts", &devpts)?,
         mount(
             "/dev/shm",
             "tmpfs",
@@ -134,13 +150,19 @@ fn mounts(input: &SpecInput) -> Result<Vec<Mount>> {
             "mqueue",
             &["nosuid", "noexec", "nodev"],
         )?,
-        mount(
+    ]);
+    if input.rootless.is_some() && input.net == NetMode::Host {
+        // sysfs can be mounted only by the owner of the network namespace: without root,
+        // the host's /sys is bound read-only instead.
+        out.push(bind("/sys", std::path::Path::new("/sys"), true)?);
+    } else {
+        out.push(mount(
             "/sys",
             "sysfs",
             "sysfs",
             &["nosuid", "noexec", "nodev", "ro"],
-        )?,
-    ];
+        )?);
+    }
     out.push(bind("/etc/resolv.conf", &input.resolv_conf, false)?);
     out.push(bind("/etc/hosts", &input.hosts, false)?);
     out.push(bind("/etc/hostname", &input.hostname_file, false)?);
@@ -213,9 +235,10 @@ pub fn build_spec(input: &SpecInput) -> Result<Spec> {
         .map(|typ| LinuxNamespaceBuilder::default().typ(typ).build())
         .collect::<std::result::Result<Vec<_>, _>>()?;
     let defaults = oci_spec::runtime::Linux::default();
-    let mut linux = LinuxBuilder::default()
-        .namespaces(namespaces)
-        .cgroups_path(input.cgroups_path.clone());
+    let mut linux = LinuxBuilder::default().namespaces(namespaces);
+    if input.rootless.is_none() {
+        linux = linux.cgroups_path(input.cgroups_path.clone());
+    }
     if let Some(masked) = defaults.masked_paths() {
         linux = linux.masked_paths(masked.clone());
     }
@@ -262,6 +285,7 @@ mod tests {
             hosts: "/run/hosts".into(),
             hostname_file: "/run/hostname".into(),
             cgroups_path: "/fd/abc".into(),
+            rootless: None,
         }
     }
 

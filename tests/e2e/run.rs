@@ -9,6 +9,13 @@
 //!   `kill -9` of `fd run`, the next fd command removes the mounts, the container's
 //!   processes, its cgroup and its state.
 //!
+//! - `-t` under util-linux `script` (which makes a pty): the container's stdio is a pty of
+//!   the outer terminal's size, the exit code passes through, the outer terminal is left in
+//!   its cooked mode, and `-it` carries typed input;
+//! - rootless: a user made for the test (removed on drop) runs the image through a user
+//!   namespace: it is root inside, the image's owners show unshifted, nothing stays mounted.
+//!   A machine that rules this out fails the test with the reason.
+//!
 //! Every `fd run` started in the background is owned by a guard that kills it by PID.
 
 use std::path::{Path, PathBuf};
@@ -432,4 +439,287 @@ fn run_killed_is_cleaned_by_the_next_command() -> Result<()> {
         cgroup_dirs(&id)
     );
     assert_clean(&s.env)
+}
+
+/// Quotes `s` for a POSIX shell.
+fn sh_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+/// Runs the shell line `inner` on a fresh pty made by util-linux `script`, in `env`'s store,
+/// feeding it `input`; returns the pty's output (with the terminal's `\r\n`s made `\n`) and
+/// the exit status `script` passes through.
+fn on_a_pty(env: &FdEnv, inner: &str, input: &[u8]) -> Result<(String, Option<i32>)> {
+    use std::io::Write;
+    let mut cmd = std::process::Command::new("script");
+    cmd.args(["-qec", inner, "/dev/null"])
+        .env("FD_HOME", env.fd_home())
+        .env("HOME", env.home_dir())
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd
+        .spawn()
+        .context("starting script (package util-linux)")?;
+    {
+        let mut stdin = child.stdin.take().context("stdin")?;
+        stdin.write_all(input)?;
+    }
+    let out = child.wait_with_output()?;
+    Ok((text(&out.stdout).replace("\r\n", "\n"), out.status.code()))
+}
+
+#[test]
+fn run_tty_gives_a_real_terminal() -> Result<()> {
+    let s = setup()?;
+    s.env.run(["pull", &s.image])?;
+    let fd = sh_quote(s.env.bin().to_str().context("fd path")?);
+    let image = sh_quote(&s.image);
+
+    // The outer pty is 33x77; the container's pty gets that size, its stdio is a pty, and
+    // the exit code passes through.
+    let inner = format!(
+        "stty rows 33 cols 77; {fd} run -t {image} sh -c 'tty; stty size; exit 3'; \
+         echo after=$?"
+    );
+    let (out, code) = on_a_pty(&s.env, &inner, b"")?;
+    let lines: Vec<&str> = out.lines().map(str::trim).collect();
+    ensure!(
+        lines.first().is_some_and(|l| l.starts_with("/dev/pts/")),
+        "tty inside printed {out:?}"
+    );
+    ensure!(lines.contains(&"33 77"), "stty size inside: {out:?}");
+    ensure!(lines.contains(&"after=3"), "exit code: {out:?}");
+    ensure!(code == Some(0), "script exited {code:?}: {out:?}");
+    // The outer terminal is back in its cooked mode after fd run ended.
+    let inner = format!("{fd} run -t {image} true; stty -a | grep -o -- ' -\\?icanon'");
+    let (out, _) = on_a_pty(&s.env, &inner, b"")?;
+    ensure!(out.contains(" icanon"), "terminal left raw: {out:?}");
+
+    // -it: what is typed reaches the container's terminal (echoed by it) and its answer
+    // comes back; the exit code passes through `script -e`.
+    let inner = format!("{fd} run -it {image} sh -c 'read line; echo \"got $line\"; exit 4'");
+    let (out, code) = on_a_pty(&s.env, &inner, b"hello\n")?;
+    ensure!(out.contains("got hello"), "-it output: {out:?}");
+    ensure!(code == Some(4), "-it exit {code:?}: {out:?}");
+    assert_clean(&s.env)
+}
+
+/// An unprivileged user made for one test, with a subordinate id range, a private directory
+/// it owns (its store and a copy of the fd binary) and nothing else. Removed on drop.
+struct TestUser {
+    name: String,
+    /// Owned by the user: `fd` (the binary), `store/` (its FD_HOME), `home/`.
+    dir: tempfile::TempDir,
+}
+
+impl TestUser {
+    fn create(bin: &Path) -> Result<TestUser> {
+        use std::os::unix::fs::PermissionsExt;
+        let pid = std::process::id();
+        let name = format!("fdrl{pid}");
+        // A range of its own for this test run, inside login.defs' subordinate id bounds.
+        let start = 1_000_000 + (pid % 4096) * 65_536;
+        let range = format!("{start}-{}", start + 65_535);
+        let status = std::process::Command::new("useradd")
+            .args(["-M", "-N", "-s", "/usr/sbin/nologin", &name])
+            .status()
+            .context("running useradd")?;
+        ensure!(status.success(), "useradd {name}: {status:?}");
+        // From here the guard removes the user, whatever fails next.
+        let dir = tempfile::Builder::new().prefix("fd-rootless-").tempdir()?;
+        let user = TestUser { name, dir };
+        let status = std::process::Command::new("usermod")
+            .args(["--add-subuids", &range, "--add-subgids", &range, &user.name])
+            .status()
+            .context("running usermod")?;
+        ensure!(status.success(), "usermod {}: {status:?}", user.name);
+        fs_err::set_permissions(user.dir.path(), std::fs::Permissions::from_mode(0o755))?;
+        fs_err::copy(bin, user.bin())?;
+        fs_err::set_permissions(user.bin(), std::fs::Permissions::from_mode(0o755))?;
+        fs_err::create_dir(user.store())?;
+        fs_err::create_dir(user.home())?;
+        let status = std::process::Command::new("chown")
+            .arg("-R")
+            .arg(format!("{}:", user.name))
+            .arg(user.dir.path())
+            .status()?;
+        ensure!(status.success(), "chown: {status:?}");
+        Ok(user)
+    }
+
+    fn bin(&self) -> PathBuf {
+        self.dir.path().join("fd")
+    }
+    fn store(&self) -> PathBuf {
+        self.dir.path().join("store")
+    }
+    fn home(&self) -> PathBuf {
+        self.dir.path().join("home")
+    }
+
+    /// `fd ARGS...` as the user, with its own store and nothing of root's environment.
+    fn fd(&self, args: &[&str]) -> Result<Output> {
+        let mut cmd = if fuse_open_to_users()? {
+            std::process::Command::new("runuser")
+        } else {
+            // fusermount3 opens /dev/fuse as the calling user. Debian makes the device 0666;
+            // some machines (this test machine class among them) leave it 0600, which rules
+            // out FUSE for every unprivileged user. Rather than change the host, the user's
+            // command runs in a private mount namespace where a 0666 node of the same device
+            // is bound over /dev/fuse, so the rootless path is exercised exactly as on a
+            // standard system. Mounts made in there end with that namespace.
+            let mut c = std::process::Command::new("unshare");
+            c.args([
+                "--mount",
+                "--propagation",
+                "private",
+                "sh",
+                "-c",
+                FUSE_SHIM,
+                "sh",
+                "runuser",
+            ]);
+            c
+        };
+        cmd.args(["-u", &self.name, "--", "env", "-i"])
+            .arg(format!("FD_HOME={}", self.store().display()))
+            .arg(format!("HOME={}", self.home().display()))
+            .arg("PATH=/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin")
+            .arg("NO_COLOR=1")
+            .arg(self.bin())
+            .args(args)
+            .stdin(Stdio::null());
+        cmd.output().context("running fd as the test user")
+    }
+}
+
+impl Drop for TestUser {
+    fn drop(&mut self) {
+        // -f: removed even if a process of the user is still running (a failed run); every
+        // fd process of the test has been waited for by then.
+        let _ = std::process::Command::new("userdel")
+            .args(["-f", &self.name])
+            .status();
+        // userdel drops the subordinate ranges too; make sure, for a clean /etc.
+        for file in ["/etc/subuid", "/etc/subgid"] {
+            if let Ok(text) = std::fs::read_to_string(file) {
+                let prefix = format!("{}:", self.name);
+                if text.lines().any(|l| l.starts_with(&prefix)) {
+                    let kept: String = text
+                        .lines()
+                        .filter(|l| !l.starts_with(&prefix))
+                        .map(|l| format!("{l}\n"))
+                        .collect();
+                    let _ = std::fs::write(file, kept);
+                }
+            }
+        }
+    }
+}
+
+/// What the machine must allow for a rootless run; a clear failure (never a skip) when it
+/// does not. Adds `user_allow_other` to /etc/fuse.conf when missing (a system setting the
+/// suite leaves in place).
+/// Runs its arguments after binding a world-usable node of the FUSE device (10, 229) over
+/// /dev/fuse; meant to run in a private mount namespace.
+const FUSE_SHIM: &str = r#"d=$(mktemp -d) && mount -t tmpfs -o mode=0755 fdfuse "$d" \
+  && mknod -m 0666 "$d/fuse" c 10 229 && mount --bind "$d/fuse" /dev/fuse && exec "$@""#;
+
+/// True when an unprivileged user can open /dev/fuse (mode o+rw).
+fn fuse_open_to_users() -> Result<bool> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = fs_err::metadata("/dev/fuse")?.permissions().mode();
+    Ok(mode & 0o006 == 0o006)
+}
+
+fn rootless_machine_ready() -> Result<()> {
+    let max = fs_err::read_to_string("/proc/sys/user/max_user_namespaces")?;
+    ensure!(
+        max.trim() != "0",
+        "rootless runs are impossible here: sysctl user.max_user_namespaces is 0"
+    );
+    if let Ok(v) = std::fs::read_to_string("/proc/sys/kernel/unprivileged_userns_clone") {
+        ensure!(
+            v.trim() != "0",
+            "rootless runs are impossible here: sysctl kernel.unprivileged_userns_clone is 0"
+        );
+    }
+    for tool in [
+        "useradd",
+        "usermod",
+        "userdel",
+        "runuser",
+        "newuidmap",
+        "fusermount3",
+    ] {
+        let found = ["/usr/sbin", "/usr/bin", "/sbin", "/bin"]
+            .iter()
+            .any(|d| Path::new(d).join(tool).is_file());
+        ensure!(
+            found,
+            "{tool} is missing (scripts/install-deps.sh installs it)"
+        );
+    }
+    let conf = std::fs::read_to_string("/etc/fuse.conf").unwrap_or_default();
+    if !conf.lines().any(|l| l.trim() == "user_allow_other") {
+        let mut conf = conf;
+        if !conf.is_empty() && !conf.ends_with('\n') {
+            conf.push('\n');
+        }
+        conf.push_str("user_allow_other\n");
+        fs_err::write("/etc/fuse.conf", conf)?;
+    }
+    Ok(())
+}
+
+#[test]
+fn run_rootless_as_an_unprivileged_user() -> Result<()> {
+    rootless_machine_ready()?;
+    let s = setup()?;
+    let user = TestUser::create(s.env.bin())?;
+    let image = s.image.as_str();
+    let clean = |user: &TestUser, after: &Output| -> Result<()> {
+        let store = user.store();
+        let store = store.to_str().context("store path")?;
+        let mounts = fs_err::read_to_string("/proc/self/mounts")?;
+        let left: Vec<&str> = mounts.lines().filter(|l| l.contains(store)).collect();
+        ensure!(
+            left.is_empty(),
+            "mounts left behind: {left:#?}\n{}",
+            text(&after.stderr)
+        );
+        let runs = user.store().join("runs");
+        let entries = match fs_err::read_dir(&runs) {
+            Ok(d) => d.filter_map(|e| e.ok().map(|e| e.path())).collect(),
+            Err(_) => Vec::new(),
+        };
+        ensure!(
+            entries.is_empty(),
+            "run directories left: {entries:?}\n{}",
+            text(&after.stderr)
+        );
+        Ok(())
+    };
+
+    // The first run pulls into the user's store.
+    let out = user.fd(&["run", image, "python3", "-c", "print(6*7)"])?;
+    expect(&out, 0, "42\n")?;
+    clean(&user, &out)?;
+    expect(&user.fd(&["run", image, "id", "-u"])?, 0, "0\n")?;
+    let out = user.fd(&[
+        "run",
+        image,
+        "stat",
+        "-c",
+        "%u:%g",
+        "/opt/fdtest/perm/owned-1000",
+    ])?;
+    expect(&out, 0, "1000:1000\n")?;
+    expect(&user.fd(&["run", image, "sh", "-c", "exit 9"])?, 9, "")?;
+    // The writable layer works without root too.
+    let out = user.fd(&["run", image, "sh", "-c", "echo w > /tmp/w && cat /tmp/w"])?;
+    expect(&out, 0, "w\n")?;
+    clean(&user, &out)
 }

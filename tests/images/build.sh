@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Builds the OCI images that fd's end-to-end tests push to a loopback registry and pull back.
 #
-#   tests/images/build.sh [CACHE_DIR]
+#   tests/images/build.sh [--big] [CACHE_DIR]
+#
+# --big (or FD_BIG_IMAGE=1) also builds debian-big (see below). It is left out by default
+# because it downloads and packs about half a gigabyte, which the tests do not need.
 #
 # CACHE_DIR defaults to $FD_TEST_CACHE, else <repo>/.cache/images. The images are made here from
 # Debian packages because the tests cannot reach any container registry on the internet.
@@ -14,6 +17,10 @@
 #   debian-python/         OCI layout, tag bookworm: three gzip layers (see layer 3 below)
 #   debian-python-zstd/    the same image with zstd layers
 #   summary.txt            digests and sizes of the above
+#   debian-big/            only with --big: OCI layout, tag bookworm: layer 1 of debian-python,
+#                          then python3, numpy, pandas and build-essential, then a padding file
+#                          that no workload reads (over 400 MB unpacked); its own stamp
+#                          .stamp-big, so building it never touches the images above
 #
 # The cache counts as complete only when .stamp holds the sha256 of this script: any edit here
 # rebuilds everything. Everything is built in a scratch dir inside CACHE_DIR and moved into place
@@ -26,7 +33,15 @@ set -euo pipefail
 
 SCRIPT=$(readlink -f "${BASH_SOURCE[0]}")
 REPO=$(cd "$(dirname "$SCRIPT")/../.." && pwd)
-CACHE=${1:-${FD_TEST_CACHE:-$REPO/.cache/images}}
+BIG=${FD_BIG_IMAGE:-0}
+POSITIONAL=()
+for arg in "$@"; do
+	case $arg in
+	--big) BIG=1 ;;
+	*) POSITIONAL+=("$arg") ;;
+	esac
+done
+CACHE=${POSITIONAL[0]:-${FD_TEST_CACHE:-$REPO/.cache/images}}
 SUITE=bookworm
 MIRROR=http://deb.debian.org/debian
 OUTPUTS=(busybox busybox-raw busybox-docker.tar busybox-oci.tar debian-python debian-python-zstd
@@ -71,6 +86,141 @@ fi
 mkdir -p "$CACHE"
 CACHE=$(cd "$CACHE" && pwd)
 WANT=$(sha256sum "$SCRIPT" | cut -d' ' -f1)
+
+############################################################################################
+# debian-big (only with --big): a large image for start-time comparisons. It runs before the
+# code below and ends the script, so the images above are built exactly as without --big.
+############################################################################################
+if [ "$BIG" = 1 ]; then
+	# The normal images first (a no-op when cached): layer 1 comes from debian-python.
+	FD_BIG_IMAGE=0 bash "$SCRIPT" "$CACHE"
+	exec 8>"$CACHE/.build-big.lock"
+	flock 8
+	big_src=$CACHE/debian-python
+	big_src_manifest=$(jq -er '.manifests[] | select(.annotations["org.opencontainers.image.ref.name"] == "bookworm") | .digest' "$big_src/index.json")
+	# Rebuilt when this script or the debian-python image it starts from changes.
+	big_want="$WANT $big_src_manifest"
+	if [ -f "$CACHE/.stamp-big" ] && [ "$(cat "$CACHE/.stamp-big")" = "$big_want" ] &&
+		[ -d "$CACHE/debian-big" ]; then
+		say "debian-big: up to date in $CACHE"
+		exit 0
+	fi
+	[ "$(id -u)" = 0 ] || die "building debian-big needs root (chroot, mounts)"
+	big_start=$(date +%s)
+	for stale in "$CACHE"/.big.*; do
+		[ -d "$stale" ] || continue
+		if awk -v d="$stale/" 'index($2 "/", d) == 1 { f = 1 } END { exit !f }' /proc/self/mounts; then
+			die "something is still mounted under $stale; not deleting it"
+		fi
+		rm -rf "$stale"
+	done
+	rm -f "$CACHE/.stamp-big"
+	BW=$(mktemp -d "$CACHE/.big.XXXXXX")
+	# Every mount below is made inside `unshare --mount`, so none can outlive the build; the
+	# check only guards against deleting a tree that still has /dev bound into it.
+	# shellcheck disable=SC2317 # reached through the trap
+	big_cleanup() {
+		local rc=$?
+		if awk -v d="$BW/" 'index($2 "/", d) == 1 { f = 1 } END { exit !f }' /proc/self/mounts; then
+			printf '[images] error: mounts left under %s; leaving it in place\n' "$BW" >&2
+		else
+			rm -rf "$BW"
+		fi
+		[ "$rc" -eq 0 ] || printf '[images] debian-big build failed (exit %s)\n' "$rc" >&2
+		exit "$rc"
+	}
+	trap big_cleanup EXIT
+	trap 'exit 130' INT
+	trap 'exit 143' TERM
+	export TMPDIR=$BW
+	: >"$BW/registries.conf"
+	export CONTAINERS_REGISTRIES_CONF=$BW/registries.conf
+	mkdir -p "$CACHE/.debs/apt-big"
+	L=$BW/layout
+	umoci --log error init --layout "$L"
+	umoci --log error new --image "$L:empty"
+
+	# Layer 1: the very same debootstrap tree as debian-python's first layer (same diff id, so
+	# fd stores its chunks once for both images).
+	say "debian-big layer 1: debian-python's debootstrap layer"
+	big_m=$big_src/blobs/sha256/${big_src_manifest#sha256:}
+	big_l1=$(jq -er '.layers[0].digest' "$big_m")
+	gzip -dc "$big_src/blobs/sha256/${big_l1#sha256:}" >"$BW/layer1.tar"
+	umoci --log error raw add-layer --image "$L:empty" --tag base \
+		--history.created_by "debootstrap --variant=minbase $SUITE (from debian-python)" "$BW/layer1.tar"
+	rm -f "$BW/layer1.tar"
+
+	# Layer 2: the packages, installed with apt in a chroot as for debian-python.
+	say "debian-big layer 2: apt-get install python3 numpy pandas build-essential (log: apt-big.log)"
+	umoci --log error unpack --image "$L:base" "$BW/bundle" >/dev/null
+	R=$BW/bundle/rootfs
+	cp "$CACHE"/.debs/apt-big/*.deb "$R/var/cache/apt/archives/" 2>/dev/null || true
+	cp /etc/resolv.conf "$R/etc/resolv.conf"
+	# shellcheck disable=SC2016 # expanded by the inner shell
+	if ! unshare --mount --propagation private -- bash -euo pipefail -c '
+		R=$1
+		undo() {
+			umount -R "$R/dev" 2>/dev/null || true
+			umount "$R/proc" 2>/dev/null || true
+		}
+		trap undo EXIT
+		mount -t proc proc "$R/proc"
+		mount --rbind /dev "$R/dev"
+		mount --make-rslave "$R/dev"
+		run() {
+			chroot "$R" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root \
+				DEBIAN_FRONTEND=noninteractive LC_ALL=C "$@"
+		}
+		run apt-get update -q
+		run apt-get install -y -q --no-install-recommends python3 python3-numpy python3-pandas \
+			build-essential
+		run python3 -c "import pandas; print(pandas.__version__)"
+		printf "#include <stdio.h>\nint main(void) { puts(\"hello\"); return 0; }\n" >"$R/tmp/h.c"
+		run gcc -o /tmp/h /tmp/h.c
+		run /tmp/h
+		rm -f "$R/tmp/h.c" "$R/tmp/h"
+	' _ "$R" >"$BW/apt-big.log" 2>&1; then
+		tail -n 30 "$BW/apt-big.log" >&2
+		die "installing the debian-big packages in the chroot failed"
+	fi
+	cp -n "$R"/var/cache/apt/archives/*.deb "$CACHE/.debs/apt-big/" 2>/dev/null || true
+	rm -rf "${R:?}"/var/cache/apt/archives/*.deb "${R:?}"/var/cache/apt/*.bin \
+		"${R:?}"/var/lib/apt/lists/* "${R:?}/etc/resolv.conf"
+	find "${R:?}/dev" -mindepth 1 -delete
+	umoci --log error repack --refresh-bundle --image "$L:layer2" \
+		--history.created_by "apt-get install --no-install-recommends python3 python3-numpy python3-pandas build-essential" \
+		"$BW/bundle"
+
+	# Layer 3: 128 MiB of deterministic incompressible bytes that no workload reads: a lazy
+	# start should never fetch them, a full pull always does.
+	say "debian-big layer 3: 128 MiB padding file"
+	mkdir -p "$R/opt/fdbench"
+	python3 -c '
+import hashlib, sys
+sys.stdout.buffer.write(hashlib.shake_256(b"fd-bench-padding-128m").digest(128 << 20))
+' >"$R/opt/fdbench/padding-128m.bin"
+	big_bytes=$(du -sb "$R" | cut -f1)
+	[ "$big_bytes" -ge 400000000 ] || die "debian-big unpacks to only $big_bytes bytes (want 400 MB)"
+	umoci --log error repack --image "$L:layer3" --history.created_by "fd bench: padding" "$BW/bundle"
+	rm -rf "$BW/bundle"
+	umoci --log error config --image "$L:layer3" --tag "$SUITE" \
+		--config.env PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
+		--config.cmd python3 --config.workingdir / --history.created_by "fd bench: config"
+	for tag in empty base layer2 layer3; do
+		umoci --log error rm --image "$L:$tag"
+	done
+	umoci --log error gc --layout "$L"
+	big_m=$L/blobs/sha256/$(jq -er --arg t "$SUITE" '.manifests[] | select(.annotations["org.opencontainers.image.ref.name"] == $t) | .digest' "$L/index.json" | cut -d: -f2)
+	[ "$(jq '.layers | length' "$big_m")" = 3 ] || die "debian-big: expected three layers"
+	[ "$(jq -r '.layers[0].digest' "$big_m")" != null ] || die "debian-big: no layers"
+	big_layers=$(jq '[.layers[].size] | add' "$big_m")
+	rm -rf "$CACHE/debian-big"
+	mv "$L" "$CACHE/debian-big"
+	printf '%s\n' "$big_want" >"$CACHE/.stamp-big.tmp"
+	mv "$CACHE/.stamp-big.tmp" "$CACHE/.stamp-big"
+	say "debian-big: $big_bytes bytes unpacked, $big_layers bytes of layers, done in $(($(date +%s) - big_start)) s"
+	exit 0
+fi
 
 # One build at a time per cache dir; a second caller waits and then finds the cache complete.
 exec 9>"$CACHE/.build.lock"
