@@ -68,7 +68,7 @@ FD_HOME=$FD_HOME_A nsenter --net=/run/netns/"$ns_a" "$FD" share -q --listen /ip4
 share_pid=$!
 sleep 1
 
-echo "== node B (no route to the registry) runs the image, fetched from A"
+echo "== node B (no route to the registry) runs the image, streamed from A"
 start=$(date +%s.%N)
 FD_HOME=$FD_HOME_B nsenter --net=/run/netns/"$ns_b" "$FD" run --net none "$ref" \
   python3 -c 'import json, sqlite3; print("ok")'
