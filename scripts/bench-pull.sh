@@ -23,23 +23,7 @@ start_registry "$work/registry"
 push_image "$CACHE/debian-python" bookworm debian-python:bookworm
 ref=$REGISTRY/debian-python:bookworm
 
-# podman keeps all of its state under $work (see the machine notes for why each setting).
-mkdir -p "$work/podman"
-cat >"$work/podman/storage.conf" <<CONF
-[storage]
-driver = "overlay"
-graphroot = "$work/podman/root"
-runroot = "$work/podman/run"
-CONF
-cat >"$work/podman/registries.conf" <<CONF
-[[registry]]
-location = "$REGISTRY"
-insecure = true
-CONF
-printf '[engine]\ncgroup_manager = "cgroupfs"\nevents_logger = "none"\n' >"$work/podman/containers.conf"
-export CONTAINERS_STORAGE_CONF=$work/podman/storage.conf
-export CONTAINERS_REGISTRIES_CONF=$work/podman/registries.conf
-export CONTAINERS_CONF=$work/podman/containers.conf
+podman_private_state "$work/podman"
 
 run_one() { # tool -> prints "seconds max_rss_kib"
   local tool=$1 out=$work/time.txt

@@ -33,22 +33,7 @@ start_registry "$work/registry"
 push_image "$CACHE/debian-python" bookworm debian-python:bookworm
 ref=$REGISTRY/debian-python:bookworm
 
-mkdir -p "$work/podman"
-cat >"$work/podman/storage.conf" <<CONF
-[storage]
-driver = "overlay"
-graphroot = "$work/podman/root"
-runroot = "$work/podman/run"
-CONF
-cat >"$work/podman/registries.conf" <<CONF
-[[registry]]
-location = "$REGISTRY"
-insecure = true
-CONF
-printf '[engine]\ncgroup_manager = "cgroupfs"\nevents_logger = "none"\n' >"$work/podman/containers.conf"
-export CONTAINERS_STORAGE_CONF=$work/podman/storage.conf
-export CONTAINERS_REGISTRIES_CONF=$work/podman/registries.conf
-export CONTAINERS_CONF=$work/podman/containers.conf
+podman_private_state "$work/podman"
 podman_run=(podman run --rm --runtime runc --network=none
   --ulimit nofile=20000:20000 --ulimit nproc=32768:32768)
 

@@ -1,9 +1,12 @@
+# shellcheck shell=bash
 # Shell helpers shared by the demo and benchmark scripts. Source it; do not run it.
 #
 # start_registry DIR     starts Debian's docker-registry on a free 127.0.0.1 port with its
 #                        storage in DIR; sets REGISTRY (host:port) and REGISTRY_PID.
 # push_image LAYOUT TAG NAME:TAG   pushes an OCI layout image to $REGISTRY with skopeo.
 # stop_registry          kills the registry by PID.
+# podman_private_state DIR   points podman at config files under DIR that keep all of its
+#                        state there and trust $REGISTRY over plain HTTP.
 
 free_port() {
   python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'
@@ -48,4 +51,26 @@ stop_registry() {
     wait "$REGISTRY_PID" 2>/dev/null || true
     REGISTRY_PID=
   fi
+}
+
+podman_private_state() {
+  # See the machine notes for why each setting: state out of /etc and /var, no systemd
+  # cgroup manager or journal (PID 1 is not systemd here).
+  local dir=$1
+  mkdir -p "$dir"
+  cat >"$dir/storage.conf" <<CONF
+[storage]
+driver = "overlay"
+graphroot = "$dir/root"
+runroot = "$dir/run"
+CONF
+  cat >"$dir/registries.conf" <<CONF
+[[registry]]
+location = "$REGISTRY"
+insecure = true
+CONF
+  printf '[engine]\ncgroup_manager = "cgroupfs"\nevents_logger = "none"\n' >"$dir/containers.conf"
+  export CONTAINERS_STORAGE_CONF=$dir/storage.conf
+  export CONTAINERS_REGISTRIES_CONF=$dir/registries.conf
+  export CONTAINERS_CONF=$dir/containers.conf
 }
