@@ -52,14 +52,27 @@ def main():
 
         t = threading.Thread(target=watch, daemon=True)
         t.start()
-        try:
-            rc = proc.wait(timeout=a.timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        # The timeout is enforced from a timer thread so that the wait below can block in
+        # waitpid: Popen.wait(timeout=...) polls with sleeps of up to 50 ms, which rounded
+        # short exit times up to the next poll.
+        timed_out = threading.Event()
+
+        def expire():
+            timed_out.set()
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+        killer = threading.Timer(a.timeout, expire)
+        killer.daemon = True
+        killer.start()
+        rc = proc.wait()
+        total = time.monotonic() - start
+        killer.cancel()
+        if timed_out.is_set():
             print(f"timer: timed out after {a.timeout:.0f} s: {' '.join(cmd)}", file=sys.stderr)
             return 1
-        total = time.monotonic() - start
         t.join(timeout=5)
 
     if a.marker and "at" not in seen:

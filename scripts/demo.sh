@@ -64,7 +64,7 @@ echo "== node A pulls from the registry"
 FD_HOME=$FD_HOME_A "$FD" pull --no-mdns "$ref"
 # nsenter --net enters only the network namespace; `ip netns exec` would also remount /sys,
 # hiding the cgroup hierarchy a container needs.
-FD_HOME=$FD_HOME_A nsenter --net=/run/netns/"$ns_a" "$FD" share -q --listen /ip4/10.77.0.1/udp/7700/quic-v1 &
+FD_HOME=$FD_HOME_A nsenter --net=/run/netns/"$ns_a" "$FD" serve -q --listen /ip4/10.77.0.1/udp/7700/quic-v1 &
 share_pid=$!
 sleep 1
 

@@ -61,10 +61,11 @@ enum Command {
     Umount(mount::UmountArgs),
     /// Run a command in a new container from an image; the image is fetched first if needed.
     Run(run::RunArgs),
-    /// Serve the local store: as a registry mirror for docker, containerd and podman.
+    /// Run the foreground node: share the store with team peers; optionally a registry mirror
+    /// and Prometheus metrics.
+    // `share` is the older name, kept (hidden) for scripts.
+    #[command(alias = "share")]
     Serve(serve::ServeArgs),
-    /// Share this store's chunks with team peers over QUIC (foreground node).
-    Share(peer::ShareArgs),
     /// List known peers: id, address, RTT, throughput, images held, last seen.
     Peers(peer::PeersArgs),
     /// Create, join or show the team whose machines share chunks with each other.
@@ -92,7 +93,6 @@ fn main() -> ExitCode {
         Command::Run(args) => run::run(args),
         Command::Serve(args) => serve::run(args),
         Command::Container(args) => run::container(args),
-        Command::Share(args) => peer::share(args),
         Command::Peers(args) => peer::peers(args),
         Command::Team(args) => peer::team(args),
     };

@@ -10,9 +10,11 @@ use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 /// Sends `tracing` logs to stderr. `FD_LOG` takes an env-filter string; `-v` raises the level.
 pub(crate) fn init_logging(verbose: u8) {
+    // libp2p's DHT warns once that it has nobody to bootstrap from whenever a node starts
+    // alone, which is the normal first moment of every node; it stays quiet below -vv.
     let default = match verbose {
-        0 => "warn",
-        1 => "info",
+        0 => "warn,libp2p_kad=error",
+        1 => "info,libp2p_kad=error",
         2 => "debug",
         _ => "trace",
     };

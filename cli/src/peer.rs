@@ -1,16 +1,15 @@
-//! `fd share`, `fd peers` and `fd team`: this store's part in the team's peer network.
+//! `fd peers` and `fd team`: this store's part in the team's peer network, and the helpers
+//! `fd pull` uses to take images from team peers.
 //!
-//! `fd share` runs a foreground node that answers team peers from the store (see `fd-p2p`);
-//! `fd peers` prints the peers the store remembers; `fd team` creates, joins and shows the
-//! team whose members may fetch from each other.
-
-use std::sync::Arc;
-use std::time::Duration;
+//! `fd peers` asks the reachable team peers which images they hold (for a moment, bounded)
+//! and prints every peer the store remembers; `fd team` creates, joins and shows the
+//! team whose members may fetch from each other. The node that answers peers is `fd serve`
+//! (see `serve.rs`).
 
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 use fd_node::Store;
-use fd_p2p::{NetConfig, PeerBook, PeerNet, TeamKey};
+use fd_p2p::{PeerBook, PeerNet, TeamKey};
 
 use crate::output;
 
@@ -18,11 +17,11 @@ use crate::output;
 pub(crate) const MDNS_ENV: &str = "FD_MDNS";
 
 #[derive(Debug, Args)]
-pub(crate) struct ShareArgs {
-    /// Address to listen on (repeatable).
-    #[arg(long, default_value = "/ip4/0.0.0.0/udp/7700/quic-v1")]
-    listen: Vec<String>,
-    /// A peer to connect to, as a multiaddr (repeatable).
+pub(crate) struct PeersArgs {
+    /// Only print what the store remembers; do not contact any peer.
+    #[arg(long)]
+    offline: bool,
+    /// A peer to ask as well, as a multiaddr (repeatable).
     #[arg(long = "peer", value_name = "MULTIADDR")]
     peers: Vec<String>,
     /// Do not look for peers with mDNS (also FD_MDNS=0).
@@ -30,8 +29,44 @@ pub(crate) struct ShareArgs {
     no_mdns: bool,
 }
 
-#[derive(Debug, Args)]
-pub(crate) struct PeersArgs {}
+/// How long `fd peers` waits for peers to connect before asking them.
+const PROBE_CONNECT: std::time::Duration = std::time::Duration::from_millis(1500);
+/// How long it waits for each peer's list of images.
+const PROBE_ANSWER: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Connects to the team peers it can reach (remembered, named, or found by mDNS) and asks
+/// each which images it holds; the answers land in the store's peer book.
+fn probe(store: std::sync::Arc<Store>, args: &PeersArgs) -> Result<()> {
+    let cfg = fd_p2p::NetConfig {
+        peers: parse_addrs(&args.peers)?,
+        mdns: mdns_enabled(args.no_mdns),
+        ..fd_p2p::NetConfig::default()
+    };
+    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    runtime.block_on(async {
+        let net = PeerNet::start(store, cfg)
+            .await
+            .context("starting the peer node")?;
+        // Give every remembered or named peer the same moment to connect, not just the first.
+        tokio::time::sleep(PROBE_CONNECT).await;
+        let asks = net.candidates().into_iter().map(|peer| {
+            let net = net.clone();
+            async move {
+                let answer = tokio::time::timeout(
+                    PROBE_ANSWER,
+                    net.request(peer, fd_p2p::proto::Request::Images),
+                )
+                .await;
+                if let Ok(Ok(fd_p2p::proto::Response::Images(images))) = answer {
+                    net.holds_images(&peer, images);
+                }
+            }
+        });
+        futures::future::join_all(asks).await;
+        net.shutdown().await;
+        Ok(())
+    })
+}
 
 #[derive(Debug, Args)]
 pub(crate) struct TeamArgs {
@@ -70,53 +105,20 @@ pub(crate) fn parse_addrs(addrs: &[String]) -> Result<Vec<fd_p2p::Multiaddr>> {
         .collect()
 }
 
-pub(crate) fn share(args: ShareArgs) -> Result<()> {
-    let store = Arc::new(Store::open_default().context("opening the store")?);
-    let cfg = NetConfig {
-        listen: parse_addrs(&args.listen)?,
-        peers: parse_addrs(&args.peers)?,
-        mdns: mdns_enabled(args.no_mdns),
-        ..NetConfig::default()
-    };
-    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
-    runtime.block_on(async {
-        let net = PeerNet::start(store, cfg)
-            .await
-            .context("starting the peer node")?;
-        // Listen addresses appear once the sockets are bound.
-        for _ in 0..40 {
-            if !net.listen_addrs().is_empty() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-        println!("peer id {}", net.local_peer_id());
-        for addr in net.listen_addrs() {
-            println!("listening on {addr}/p2p/{}", net.local_peer_id());
-        }
-        output::status("Sharing", "this store with team peers; Ctrl-C stops");
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .context("installing the SIGTERM handler")?;
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
-        }
-        net.shutdown().await;
-        output::status("Stopped", "sharing");
-        Ok(())
-    })
-}
-
-pub(crate) fn peers(_args: PeersArgs) -> Result<()> {
+pub(crate) fn peers(args: PeersArgs) -> Result<()> {
     let home = fd_node::paths::fd_home();
+    if !args.offline && TeamKey::load(&home)?.is_some() {
+        let store = std::sync::Arc::new(Store::open_default().context("opening the store")?);
+        probe(store, &args)?;
+    }
     let book = PeerBook::load(&home);
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
         .unwrap_or(0);
     println!(
-        "{:<54} {:<40} {:>10} {:>9} {:>5} {:>10}",
-        "PEER", "ADDRESS", "LAST SEEN", "RTT", "RANK", "RECEIVED"
+        "{:<54} {:<40} {:>10} {:>9} {:>11} {:>5} {:>10}  IMAGES",
+        "PEER", "ADDRESS", "LAST SEEN", "RTT", "THROUGHPUT", "RANK", "RECEIVED"
     );
     for (id, e) in &book.peers {
         let ago = now.saturating_sub(e.last_seen);
@@ -124,14 +126,25 @@ pub(crate) fn peers(_args: PeersArgs) -> Result<()> {
             .rtt_us
             .map(|us| format!("{:.1} ms", us as f64 / 1000.0))
             .unwrap_or_else(|| "-".into());
+        let rate = e
+            .throughput()
+            .map(|r| format!("{}/s", output::bytes(r as u64)))
+            .unwrap_or_else(|| "-".into());
+        let images = if e.images.is_empty() {
+            "-".to_string()
+        } else {
+            e.images.join(", ")
+        };
         println!(
-            "{:<54} {:<40} {:>10} {:>9} {:>5} {:>10}",
+            "{:<54} {:<40} {:>10} {:>9} {:>11} {:>5} {:>10}  {}",
             id,
             e.addrs.first().map(String::as_str).unwrap_or("-"),
             format!("{ago} s ago"),
             rtt,
+            rate,
             e.rank,
             output::bytes(e.bytes_from),
+            images,
         );
     }
     Ok(())

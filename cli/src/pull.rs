@@ -105,7 +105,21 @@ async fn start_peers(store: &Arc<Store>, args: &RegistryArgs) -> Result<Option<f
         return Ok(None);
     }
     let cfg_mdns = crate::peer::mdns_enabled(args.no_mdns);
+    // With mDNS on, the node also listens (on a port of the system's choosing) so that LAN
+    // peers fetching the same image can take the chunks this pull has already verified: a cold
+    // fleet then fans out instead of every node asking one source. Without mDNS nobody could
+    // learn that port, so a node that only asks listens on nothing.
+    let listen = if cfg_mdns {
+        vec![
+            "/ip4/0.0.0.0/udp/0/quic-v1"
+                .parse()
+                .context("the pull's listen address")?,
+        ]
+    } else {
+        Vec::new()
+    };
     let cfg = fd_p2p::NetConfig {
+        listen,
         peers: crate::peer::parse_addrs(&args.peers)?,
         mdns: cfg_mdns,
         ..Default::default()

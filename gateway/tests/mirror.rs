@@ -1,6 +1,7 @@
 //! The registry mirror against a scripted upstream on 127.0.0.1: headers, Range, error codes,
 //! one upstream download per blob under concurrency, the warm-mirror outage path and the
-//! private-content policy.
+//! private-content policy, and team peers (a scripted [`PeerBlobs`]) asked before the
+//! upstream.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -12,7 +13,7 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
-use fd_gateway::mirror::{Mirror, MirrorConfig};
+use fd_gateway::mirror::{Mirror, MirrorConfig, PeerBlobs};
 use fd_node::Store;
 use futures::StreamExt;
 use sha2::{Digest, Sha256};
@@ -130,6 +131,10 @@ impl Drop for Setup {
 }
 
 async fn setup() -> Setup {
+    setup_with(None).await
+}
+
+async fn setup_with(peers: Option<Arc<dyn PeerBlobs>>) -> Setup {
     let dir = tempfile::tempdir().expect("tempdir");
     let blob: Vec<u8> = (0..3_000_000u32)
         .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
@@ -167,6 +172,7 @@ async fn setup() -> Setup {
         store.clone(),
         MirrorConfig {
             default_upstream: Some(up_addr.clone()),
+            peers,
             ..MirrorConfig::default()
         },
     )
@@ -501,4 +507,105 @@ async fn private_content_needs_the_clients_own_credentials() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(c.get(&burl).send().await.expect("outage").status(), 404);
     assert!(s.up.manifest_gets.load(Ordering::SeqCst) > 0);
+}
+
+/// Scripted team peers: they hold `blobs` and write them into `store` when asked, slowly,
+/// so that concurrent requests overlap with the fetch.
+struct FakePeers {
+    store: Mutex<Option<Arc<Store>>>,
+    blobs: HashMap<String, Bytes>,
+    asked: AtomicUsize,
+}
+
+impl FakePeers {
+    fn new(blobs: HashMap<String, Bytes>) -> Arc<FakePeers> {
+        Arc::new(FakePeers {
+            store: Mutex::new(None),
+            blobs,
+            asked: AtomicUsize::new(0),
+        })
+    }
+}
+
+impl PeerBlobs for FakePeers {
+    fn fetch_blob<'a>(&'a self, digest: &'a str) -> futures::future::BoxFuture<'a, bool> {
+        Box::pin(async move {
+            self.asked.fetch_add(1, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let store = self.store.lock().expect("lock").clone();
+            match (store, self.blobs.get(digest)) {
+                (Some(store), Some(bytes)) => {
+                    store
+                        .put_blob_from_reader(digest, "application/octet-stream", &bytes[..])
+                        .expect("store");
+                    store.pin_blob(digest).expect("pin");
+                    true
+                }
+                _ => false,
+            }
+        })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn peers_come_before_the_upstream_and_do_not_widen_access() {
+    let probe = setup().await;
+    let (blob_d, blob) = probe.blob.clone();
+    drop(probe);
+    let peers = FakePeers::new(HashMap::from([(blob_d.clone(), blob.clone())]));
+    let s = setup_with(Some(peers.clone() as Arc<dyn PeerBlobs>)).await;
+    assert_eq!(s.blob.0, blob_d, "the test blob is the same in every setup");
+    *peers.store.lock().expect("lock") = Some(s.store.clone());
+
+    // A client without the credentials a private repository needs is refused before any
+    // peer is asked.
+    let c = client();
+    let private = format!("{}/v2/private/app/blobs/{}", s.mirror, s.blob.0);
+    assert_eq!(c.get(&private).send().await.expect("anon").status(), 401);
+    assert_eq!(peers.asked.load(Ordering::SeqCst), 0);
+
+    // Four clients at once: one peer fetch, no upstream download, exact bytes to all.
+    let burl = format!("{}/v2/app/blobs/{}", s.mirror, s.blob.0);
+    let mut tasks = Vec::new();
+    for i in 0..4 {
+        let url = burl.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut r = client().get(&url);
+            if i == 3 {
+                r = r.header("range", "bytes=1000-");
+            }
+            let resp = r.send().await.expect("get");
+            (resp.status().as_u16(), resp.bytes().await.expect("body"))
+        }));
+    }
+    for (i, t) in tasks.into_iter().enumerate() {
+        let (status, body) = t.await.expect("task");
+        if i == 3 {
+            assert_eq!(status, 206);
+            assert_eq!(body, s.blob.1.slice(1000..));
+        } else {
+            assert_eq!(status, 200);
+            assert_eq!(sha(&body), s.blob.0);
+        }
+    }
+    assert_eq!(peers.asked.load(Ordering::SeqCst), 1, "one peer fetch");
+    assert_eq!(s.up.gets(&s.blob.0), 0, "no upstream download");
+    assert!(s.store.pinned_blobs().expect("pins").contains(&s.blob.0));
+
+    // A blob the peers lack comes from the upstream.
+    let config_d =
+        s.up.blobs
+            .keys()
+            .find(|d| **d != s.blob.0)
+            .expect("config digest")
+            .clone();
+    let r = c
+        .get(format!("{}/v2/app/blobs/{config_d}", s.mirror))
+        .send()
+        .await
+        .expect("config");
+    assert_eq!(r.status(), 200);
+    assert_eq!(sha(&r.bytes().await.expect("body")), config_d);
+    assert_eq!(peers.asked.load(Ordering::SeqCst), 2, "peers asked first");
+    assert_eq!(s.up.gets(&config_d), 1, "then the upstream");
 }

@@ -40,6 +40,12 @@ const CACHE_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
 /// thread waits itself, which slows the kernel's queue instead of piling up threads.
 const MAX_FETCHING_READS: usize = 64;
 
+/// Threads that fetch the rest of a file once a read of it had to fetch: each waits on one
+/// chunk at a time, so this many round trips to a distant peer overlap.
+const READ_AHEAD_THREADS: usize = 8;
+/// Most bytes of one file fetched ahead of its reads.
+const READ_AHEAD_MAX_BYTES: u64 = 64 << 20;
+
 /// Counters of what the mount served.
 #[derive(Debug, Default)]
 pub(crate) struct ServeStats {
@@ -58,6 +64,21 @@ pub(crate) struct Shared {
     pub(crate) stopping: AtomicBool,
     fetching_reads: AtomicUsize,
     open_chunks: OpenChunks,
+    read_ahead: ReadAhead,
+}
+
+/// Whole-file read-ahead: the first read of a file that has to fetch queues the file's other
+/// chunks, which a few background threads fetch while the reader waits for its own. Without
+/// it a program reading a file chunk by chunk pays one round trip per chunk; with it, about
+/// one per file. Only files that needed a fetch are queued, so a mount whose chunks are all
+/// local never starts the threads.
+#[derive(Default)]
+struct ReadAhead {
+    /// Files already queued (entry indexes).
+    queued_files: Mutex<std::collections::HashSet<usize>>,
+    queue: Mutex<std::collections::VecDeque<(ChunkId, u32)>>,
+    ready: std::sync::Condvar,
+    started: std::sync::OnceLock<()>,
 }
 
 impl Shared {
@@ -71,6 +92,78 @@ impl Shared {
             stopping: AtomicBool::new(false),
             fetching_reads: AtomicUsize::new(0),
             open_chunks: OpenChunks::default(),
+            read_ahead: ReadAhead::default(),
+        }
+    }
+
+    /// Queues the chunks of file `i` for the read-ahead threads (once per file), starting the
+    /// threads on first use.
+    fn read_ahead(self: &Arc<Self>, i: usize) {
+        let ra = &self.read_ahead;
+        if !ra
+            .queued_files
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(i)
+        {
+            return;
+        }
+        let mut bytes = 0u64;
+        let chunks: Vec<(ChunkId, u32)> = self
+            .tree
+            .file_chunks(i)
+            .map(|k| self.tree.chunk(k))
+            .take_while(|c| {
+                bytes += u64::from(c.len);
+                bytes <= READ_AHEAD_MAX_BYTES
+            })
+            .map(|c| (c.id, c.len))
+            .collect();
+        if chunks.len() < 2 {
+            return;
+        }
+        ra.queue
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend(chunks);
+        ra.ready.notify_all();
+        ra.started.get_or_init(|| {
+            for n in 0..READ_AHEAD_THREADS {
+                let shared = self.clone();
+                let spawned = std::thread::Builder::new()
+                    .name(format!("fd-readahead-{n}"))
+                    .spawn(move || shared.read_ahead_worker());
+                if let Err(e) = spawned {
+                    tracing::warn!(error = %e, "cannot start a read-ahead thread");
+                }
+            }
+        });
+    }
+
+    /// Fetches queued chunks until the mount stops. The fetcher's single flight means a
+    /// read-ahead and a read of the same chunk never fetch it twice.
+    fn read_ahead_worker(&self) {
+        let ra = &self.read_ahead;
+        while !self.stopping.load(Ordering::Relaxed) {
+            let next = {
+                let mut queue = ra.queue.lock().unwrap_or_else(|p| p.into_inner());
+                match queue.pop_front() {
+                    Some(c) => Some(c),
+                    None => {
+                        // Woken by new work, or every so often to notice the mount stopping.
+                        let (mut queue, _) = ra
+                            .ready
+                            .wait_timeout(queue, Duration::from_millis(200))
+                            .unwrap_or_else(|p| p.into_inner());
+                        queue.pop_front()
+                    }
+                }
+            };
+            if let Some((id, len)) = next
+                && let Err(e) = self.fetcher.ensure_local(&id, len)
+            {
+                tracing::debug!(chunk = %id.short(), error = %e, "read-ahead of a chunk failed");
+            }
         }
     }
 
@@ -307,8 +400,10 @@ impl Filesystem for LazyFs {
             ReadOutcome::NeedsFetch => {}
             outcome => return finish(shared, outcome, reply),
         }
-        // A chunk must be fetched: do it on a thread of its own so this request thread goes
-        // back to serving the kernel.
+        // A chunk must be fetched: the rest of the file will likely be wanted too.
+        self.shared.read_ahead(i);
+        // Fetch this read's chunks on a thread of its own so this request thread goes back to
+        // serving the kernel.
         if shared.fetching_reads.fetch_add(1, Ordering::AcqRel) >= MAX_FETCHING_READS {
             shared.fetching_reads.fetch_sub(1, Ordering::AcqRel);
             let outcome = shared.read_file(i, &pieces, false);

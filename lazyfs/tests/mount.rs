@@ -70,7 +70,8 @@ struct Fixture {
 }
 
 /// Files: `/fast` (local), `/slow` (only at the slow source), `/gone` (nowhere), `/multi`
-/// (three chunks: first local, the rest at the source).
+/// (three chunks: first local, the rest at the source), `/big` (three 1 MiB chunks at the
+/// source).
 fn fixture(delay: Duration) -> Result<Fixture, Box<dyn std::error::Error>> {
     let dir = tempfile::tempdir()?;
     let store = Arc::new(Store::open(dir.path().join("store"))?);
@@ -101,6 +102,15 @@ fn fixture(delay: Duration) -> Result<Fixture, Box<dyn std::error::Error>> {
         entries.push(e);
         Ok(())
     };
+    // Larger than the kernel's own readahead window: only fd's read-ahead brings its end early.
+    file(
+        "/big",
+        vec![
+            (bytes(7, 1 << 20), false),
+            (bytes(8, 1 << 20), false),
+            (bytes(9, 1 << 20), false),
+        ],
+    )?;
     file("/fast", vec![(bytes(1, 5000), true)])?;
     file("/gone", vec![(bytes(2, 100), false)])?;
     file(
@@ -210,7 +220,7 @@ fn slow_fetch_does_not_stall_other_requests_and_is_fetched_once() -> TestResult 
     let names: Vec<_> = std::fs::read_dir(&f.mnt)?
         .map(|e| e.map(|e| e.file_name()))
         .collect::<Result<_, _>>()?;
-    assert_eq!(names.len(), 4);
+    assert_eq!(names.len(), 5);
     std::fs::metadata(f.mnt.join("gone"))?;
     assert!(
         quick.elapsed() < Duration::from_millis(700),
@@ -231,6 +241,40 @@ fn slow_fetch_does_not_stall_other_requests_and_is_fetched_once() -> TestResult 
         f.source.calls.load(Ordering::SeqCst),
         1,
         "one fetch for four readers"
+    );
+    Ok(())
+}
+
+#[test]
+fn a_read_that_fetches_brings_the_rest_of_its_file_ahead() -> TestResult {
+    if !can_mount() {
+        return Ok(());
+    }
+    let f = fixture(Duration::from_millis(50))?;
+    // One byte at the start of /big: that read fetches, and the file's last chunk, 2 MiB on
+    // and never read, arrives too.
+    let mut file = std::fs::File::open(f.mnt.join("big"))?;
+    let mut one = [0u8; 1];
+    std::os::unix::fs::FileExt::read_exact_at(&file, &mut one, 0)?;
+    assert_eq!(one[0], f.contents["/big"][0]);
+    let store = Store::open(f.mnt.parent().ok_or("no parent")?.join("store"))?;
+    let last = bytes(9, 1 << 20);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !store.has_chunk(&ChunkId::of(&last), last.len() as u32) {
+        assert!(
+            Instant::now() < deadline,
+            "the rest of the file was not fetched ahead"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Reading the whole file now asks the source for nothing more.
+    let mut all = Vec::new();
+    std::io::Read::read_to_end(&mut file, &mut all)?;
+    assert_eq!(all, f.contents["/big"]);
+    assert_eq!(
+        f.source.calls.load(Ordering::SeqCst),
+        3,
+        "each remote chunk once"
     );
     Ok(())
 }

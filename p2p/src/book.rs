@@ -33,6 +33,20 @@ pub struct PeerEntry {
     pub bad_answers: u32,
     /// Bytes received from it, ever.
     pub bytes_from: u64,
+    /// Microseconds its answers that brought those bytes were out (summed per request, so
+    /// overlapping requests count twice: `bytes_from` over this is a per-request rate).
+    #[serde(default)]
+    pub receive_us: u64,
+    /// The complete images it said it holds, when last asked (`fd peers`).
+    #[serde(default)]
+    pub images: Vec<String>,
+}
+
+impl PeerEntry {
+    /// Bytes per second per request, when anything was received.
+    pub fn throughput(&self) -> Option<f64> {
+        (self.receive_us > 0).then(|| self.bytes_from as f64 * 1e6 / self.receive_us as f64)
+    }
 }
 
 /// All remembered peers, keyed by peer id.
@@ -90,10 +104,18 @@ impl PeerBook {
         e.bad_answers = e.bad_answers.saturating_add(1);
     }
 
-    /// Counts bytes received from a peer.
-    pub fn received(&mut self, peer: &str, bytes: u64) {
+    /// Counts bytes received from a peer, and how long the request that brought them took.
+    pub fn received(&mut self, peer: &str, bytes: u64, took: std::time::Duration) {
         let e = self.peers.entry(peer.to_string()).or_default();
         e.bytes_from = e.bytes_from.saturating_add(bytes);
+        e.receive_us = e.receive_us.saturating_add(took.as_micros() as u64);
+    }
+
+    /// Records the images a peer said it holds.
+    pub fn images(&mut self, peer: &str, images: Vec<String>) {
+        let e = self.peers.entry(peer.to_string()).or_default();
+        e.images = images;
+        e.last_seen = now();
     }
 
     /// Rank of a peer (0 when unknown).
@@ -123,10 +145,18 @@ impl PeerBook {
                 if mine.rtt_us.is_some() {
                     e.rtt_us = mine.rtt_us;
                 }
+                if !mine.images.is_empty() {
+                    e.images = mine.images.clone();
+                }
             }
             e.rank = e.rank.min(mine.rank);
             e.bad_answers = e.bad_answers.max(mine.bad_answers);
-            e.bytes_from = e.bytes_from.max(mine.bytes_from);
+            // Both counters start from the book on disk and only grow, so the larger pair is
+            // the more recent one.
+            if mine.bytes_from > e.bytes_from {
+                e.bytes_from = mine.bytes_from;
+                e.receive_us = mine.receive_us;
+            }
         }
         if merged.peers.len() > MAX_PEERS {
             let mut by_age: Vec<(i64, String)> = merged

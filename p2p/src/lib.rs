@@ -10,8 +10,10 @@
 //!   message carries;
 //! - [`book`]: the peers seen, remembered in the store so that a short-lived `fd pull` asks
 //!   them at once, with a rank lowered by bad answers;
-//! - [`net`]: the libp2p swarm (QUIC, mDNS, identify, ping, request-response), serving the
-//!   store's recorded blobs with a cap on concurrent uploads;
+//! - [`net`]: the libp2p swarm (QUIC, mDNS, identify, ping, request-response, Kademlia),
+//!   serving the store's recorded blobs with a cap on concurrent uploads, and announcing and
+//!   finding holders of images' blobs through the team's DHT;
+//! - [`metrics`]: counters of what a node served and fetched, in the Prometheus text format;
 //! - [`fetch`]: the client side: rebuild a blob from peers with every 16 KiB group of every
 //!   chunk verified by bao, find a peer's record of an image ([`fetch::find_image`]), and
 //!   [`fetch::PeerSource`] for the node's chunk fetcher (how lazyfs streams file contents
@@ -25,13 +27,17 @@
 pub mod book;
 pub mod fetch;
 pub mod keys;
+pub mod metrics;
 pub mod net;
 pub mod proto;
+#[cfg(test)]
+mod testutil;
 
 pub use book::{PeerBook, PeerEntry};
 pub use fetch::{BlobFromPeers, PeerSource};
 pub use keys::{TeamKey, load_or_create_node_key};
 pub use libp2p::{Multiaddr, PeerId};
+pub use metrics::Metrics;
 pub use net::{NetConfig, PeerNet};
 
 /// Errors of the peer network.

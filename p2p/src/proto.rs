@@ -10,6 +10,14 @@
 //! moves on to other peers, and every other request keeps working, so the frame version
 //! stays 1.
 //!
+//! A `Chunks` answer is the exception to one frame per message: its frame holds only a head
+//! ([`Response::ChunksHead`]: for each chunk asked, whether it is held and how many bao bytes
+//! follow), and the bao streams follow it raw. The reading side verifies each stream 16 KiB
+//! group by group as it comes off the connection ([`read_verified`]), hands on only proven
+//! bytes ([`Response::Verified`]), and stops reading at the first group that fails: the rest
+//! of a lying answer is never downloaded, and the failure names the answer as bad
+//! ([`BAD_ANSWER`]) so the asker can rank the peer down.
+//!
 //! Every request and every answer carries a proof of team membership: a keyed BLAKE3 (under
 //! the team key) of the direction and both peer ids. The peer ids are those QUIC's TLS
 //! authenticated, so a proof is useless to anyone else and on any other connection. A node
@@ -70,6 +78,8 @@ pub enum Request {
     /// What you record for the complete image with this manifest: the key of its merged file
     /// index (and of its prefetch profile), so an asker can mount it before fetching layers.
     Image { manifest_digest: String },
+    /// The references of the complete images you hold (for `fd peers`).
+    Images,
 }
 
 /// A peer's record of a complete image, as the answer to [`Request::Image`]. The asker checks
@@ -96,7 +106,32 @@ pub struct RecipeAnswer {
 /// The answer for one [`ChunkWant`], in the order asked. `None`: not held.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChunkAnswer {
+    pub want: ChunkWant,
     pub encoded: Option<WireBytes>,
+}
+
+/// The head of one chunk's answer on the wire: what was asked (echoed, so the reader can
+/// verify without knowing the request) and how many bao bytes follow (`None`: not held).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChunkHead {
+    pub want: ChunkWant,
+    pub encoded: Option<u32>,
+}
+
+/// One chunk of an answer as the reader hands it on: the range asked and its proven bytes
+/// (`None`: not held). Never sent; built by [`read_verified`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VerifiedChunk {
+    pub want: ChunkWant,
+    pub data: Option<WireBytes>,
+}
+
+/// Marks the error of an answer that failed verification as it was read.
+pub const BAD_ANSWER: &str = "answer failed verification";
+
+/// True when a request failed because the answer failed verification as it was read.
+pub fn is_bad_answer(e: &crate::P2pError) -> bool {
+    matches!(e, crate::P2pError::Peer { reason, .. } if reason.contains(BAD_ANSWER))
 }
 
 /// Bytes sent as one length-prefixed run rather than element by element (serde's default for
@@ -146,7 +181,17 @@ pub enum Response {
     Failed(String),
     /// The answer to [`Request::Image`]; `None`: no complete image with that manifest here.
     Image(Option<ImageAnswer>),
+    /// How a `Chunks` answer goes on the wire: this head, then the bao bytes it announces.
+    ChunksHead(Vec<ChunkHead>),
+    /// A `Chunks` answer as read: every byte proven against its chunk id.
+    Verified(Vec<VerifiedChunk>),
+    /// The answer to [`Request::Images`]: references of complete images, at most
+    /// [`MAX_IMAGES_LISTED`].
+    Images(Vec<String>),
 }
+
+/// Most image references one `Images` answer lists.
+pub const MAX_IMAGES_LISTED: usize = 256;
 
 /// A message with its membership proof.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -280,7 +325,22 @@ impl libp2p::request_response::Codec for Codec {
     where
         T: AsyncRead + Unpin + Send,
     {
-        read_frame(io).await
+        let msg: Signed<Response> = read_frame(io).await?;
+        match msg.body {
+            Response::ChunksHead(heads) => Ok(Signed {
+                proof: msg.proof,
+                body: Response::Verified(read_verified(io, heads).await?),
+            }),
+            // Only the reader makes these: a peer sending one is not speaking the protocol.
+            Response::Verified(_) | Response::Chunks(_) => Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "a chunk answer without its head",
+            )),
+            body => Ok(Signed {
+                proof: msg.proof,
+                body,
+            }),
+        }
     }
 
     async fn write_request<T>(
@@ -304,8 +364,99 @@ impl libp2p::request_response::Codec for Codec {
     where
         T: AsyncWrite + Unpin + Send,
     {
-        write_frame(io, &res).await
+        let Signed { proof, body } = res;
+        let Response::Chunks(answers) = body else {
+            return write_frame(io, &Signed { proof, body }).await;
+        };
+        let heads = answers
+            .iter()
+            .map(|a| ChunkHead {
+                want: a.want.clone(),
+                encoded: a.encoded.as_ref().map(|e| e.0.len() as u32),
+            })
+            .collect();
+        let head = encode_frame(&Signed {
+            proof,
+            body: Response::ChunksHead(heads),
+        })?;
+        io.write_all(&head).await?;
+        for encoded in answers.iter().filter_map(|a| a.encoded.as_ref()) {
+            io.write_all(&encoded.0).await?;
+        }
+        io.close().await
     }
+}
+
+/// Most bao bytes an answer for `want` can take: the range widened to whole 16 KiB groups at
+/// both ends, plus its share of the tree (64 bytes per group) and the tree's top levels.
+fn encoded_bound(want: &ChunkWant) -> u64 {
+    let r = want.byte_range();
+    let span = (r.end - r.start) + 2 * fd_chunker::GROUP_SIZE;
+    span + span / 64 + 4096
+}
+
+/// Reads the bao streams announced by `heads`, proving each 16 KiB group against its chunk
+/// id as it arrives. Stops at the first group that fails ([`BAD_ANSWER`]), without reading on.
+pub async fn read_verified<R>(io: &mut R, heads: Vec<ChunkHead>) -> io::Result<Vec<VerifiedChunk>>
+where
+    R: AsyncRead + Unpin + Send,
+{
+    let bad = |want: &ChunkWant, why: String| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{BAD_ANSWER}: chunk {}: {why}", ChunkId(want.id).short()),
+        )
+    };
+    if heads.len() > MAX_CHUNKS_PER_REQUEST {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("an answer of {} chunks", heads.len()),
+        ));
+    }
+    let mut total = 0u64;
+    for h in &heads {
+        if let Some(n) = h.encoded {
+            if u64::from(n) > encoded_bound(&h.want) {
+                return Err(bad(&h.want, format!("{n} bao bytes for its range")));
+            }
+            total += u64::from(n);
+        }
+    }
+    if total > MAX_FRAME as u64 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("an answer of {total} bytes is over the {MAX_FRAME}-byte limit"),
+        ));
+    }
+    let mut out = Vec::with_capacity(heads.len());
+    let mut piece = vec![0u8; fd_chunker::GROUP_SIZE as usize];
+    for ChunkHead { want, encoded } in heads {
+        let Some(mut left) = encoded.map(u64::from) else {
+            out.push(VerifiedChunk { want, data: None });
+            continue;
+        };
+        let range = want.byte_range();
+        let mut decoder = RangeDecoder::new(ChunkId(want.id), u64::from(want.len), range.clone());
+        let mut data = Vec::with_capacity((range.end - range.start) as usize);
+        let mut proven = Vec::new();
+        while left > 0 {
+            let n = left.min(piece.len() as u64) as usize;
+            io.read_exact(&mut piece[..n]).await?;
+            left -= n as u64;
+            decoder
+                .push_into(&piece[..n], &mut proven)
+                .map_err(|e| bad(&want, e.to_string()))?;
+            for (_, bytes) in proven.drain(..) {
+                data.extend_from_slice(&bytes);
+            }
+        }
+        decoder.finish().map_err(|e| bad(&want, e.to_string()))?;
+        out.push(VerifiedChunk {
+            want,
+            data: Some(WireBytes(data)),
+        });
+    }
+    Ok(out)
 }
 
 /// Encodes the answer for one want from the chunk's bytes (already checked against its id):
@@ -411,6 +562,119 @@ mod tests {
         assert!(!check_proof(&team, Direction::Response, &a, &b, &p));
         assert!(!check_proof(&team, Direction::Request, &c, &b, &p));
         assert!(!check_proof(&team, Direction::Request, &a, &c, &p));
+    }
+
+    /// A reader that counts the bytes taken from it.
+    struct Counting<'a> {
+        inner: futures::io::Cursor<&'a [u8]>,
+        taken: usize,
+    }
+
+    impl futures::AsyncRead for Counting<'_> {
+        fn poll_read(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+            buf: &mut [u8],
+        ) -> std::task::Poll<io::Result<usize>> {
+            let this = &mut *self;
+            let got = std::pin::Pin::new(&mut this.inner).poll_read(cx, buf);
+            if let std::task::Poll::Ready(Ok(n)) = &got {
+                this.taken += n;
+            }
+            got
+        }
+    }
+
+    fn wire(answers: Vec<ChunkAnswer>) -> Vec<u8> {
+        use libp2p::request_response::Codec as _;
+        let mut out = futures::io::Cursor::new(Vec::new());
+        futures::executor::block_on(Codec.write_response(
+            &PROTOCOL,
+            &mut out,
+            Signed {
+                proof: [3; 32],
+                body: Response::Chunks(answers),
+            },
+        ))
+        .expect("write");
+        out.into_inner()
+    }
+
+    fn read(bytes: &[u8]) -> (io::Result<Signed<Response>>, usize) {
+        use libp2p::request_response::Codec as _;
+        let mut r = Counting {
+            inner: futures::io::Cursor::new(bytes),
+            taken: 0,
+        };
+        let got = futures::executor::block_on(Codec.read_response(&PROTOCOL, &mut r));
+        (got, r.taken)
+    }
+
+    #[test]
+    fn chunk_answers_are_proven_as_they_are_read_and_a_bad_group_stops_the_read() {
+        let (a, b) = (
+            sample(300_000),
+            sample(120_000).iter().map(|x| x ^ 7).collect::<Vec<_>>(),
+        );
+        let want = |d: &[u8], range| ChunkWant {
+            id: ChunkId::of(d).0,
+            len: d.len() as u32,
+            range,
+        };
+        let (wa, wb) = (want(&a, None), want(&b, Some((1_000, 90_000))));
+        let missing = want(&sample(10), None);
+        let answers = vec![
+            ChunkAnswer {
+                want: wa.clone(),
+                encoded: Some(WireBytes(encode_answer(&a, &wa))),
+            },
+            ChunkAnswer {
+                want: missing.clone(),
+                encoded: None,
+            },
+            ChunkAnswer {
+                want: wb.clone(),
+                encoded: Some(WireBytes(encode_answer(&b, &wb))),
+            },
+        ];
+        let bytes = wire(answers.clone());
+        let (got, taken) = read(&bytes);
+        let Ok(Signed {
+            proof,
+            body: Response::Verified(got),
+        }) = got
+        else {
+            panic!("not a verified answer: {got:?}");
+        };
+        assert_eq!((proof, taken), ([3; 32], bytes.len()));
+        assert_eq!(got[0].data.as_ref().map(|d| &d.0[..]), Some(&a[..]));
+        assert_eq!(got[1].data, None);
+        assert_eq!(
+            got[2].data.as_ref().map(|d| &d.0[..]),
+            Some(&b[1_000..90_000])
+        );
+        assert_eq!((&got[0].want, &got[2].want), (&wa, &wb));
+
+        // A byte flipped early in the first chunk's stream: the read fails there, naming the
+        // answer as bad, and the rest of the answer is never read.
+        let mut tampered = bytes.clone();
+        let head = bytes.len() - encode_answer(&a, &wa).len() - encode_answer(&b, &wb).len();
+        tampered[head + 20_000] ^= 1;
+        let (got, taken) = read(&tampered);
+        let err = got.expect_err("tampered answer accepted");
+        assert!(err.to_string().contains(BAD_ANSWER), "{err}");
+        assert!(
+            taken < head + 64 * 1024,
+            "read {taken} of {} bytes after a bad group near the start",
+            tampered.len()
+        );
+
+        // A head announcing more bytes than its range can take is refused before reading on.
+        let mut huge = answers;
+        huge[0].encoded = Some(WireBytes(vec![0; 400_000]));
+        let (got, taken) = read(&wire(huge));
+        assert!(got.is_err());
+        assert!(taken < 1_000, "read {taken} bytes of an oversized answer");
     }
 
     #[test]

@@ -6,3 +6,4 @@ mod mount;
 mod p2p;
 mod pull;
 mod run;
+mod serve;

@@ -1,7 +1,9 @@
 //! `fd serve --mirror` in front of a real registry, pulled through by the real clients:
 //! skopeo, podman (`registries.conf` mirror) and containerd (`hosts.toml`), then the same
 //! with the registry stopped (warm mirror), and eight clients at once through a cold mirror
-//! with a counting relay proving the registry saw each blob once.
+//! with a counting relay proving the registry saw each blob once; and a mirror that runs next
+//! to a peer node taking the blobs from a team peer instead of the registry, then falling
+//! back to the registry once that peer is gone.
 
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
@@ -9,7 +11,10 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
-use fd_tests::{FdEnv, ImageCache, Registry, Relay, images, manifest, manifest_digest};
+use fd_tests::{
+    FdEnv, ImageCache, Registry, Relay, fd_no_mdns, images, manifest, manifest_digest, output,
+    spawn, text,
+};
 
 const IMAGE: &str = "debian-python:bookworm";
 
@@ -49,13 +54,19 @@ struct Mirror {
 
 impl Mirror {
     fn start(env: &FdEnv, upstream: &str, extra: &[&str]) -> Result<Mirror> {
+        Mirror::start_logging(env, upstream, extra, "info")
+    }
+
+    /// Like [`Mirror::start`], with `FD_LOG` set to `filter`.
+    fn start_logging(env: &FdEnv, upstream: &str, extra: &[&str], filter: &str) -> Result<Mirror> {
         let addr = free_addr()?;
         let log = env
             .dir()
             .join(format!("mirror-{}.log", addr.replace(':', "-")));
         let mut cmd = env.cmd(["serve", "--mirror", &addr, "--upstream", upstream]);
         cmd.args(extra)
-            .env("FD_LOG", "info")
+            .env("FD_LOG", filter)
+            .env("FD_MDNS", "0")
             .stdout(Stdio::null())
             .stderr(fs_err::File::create(&log)?.into_parts().0);
         let child = Guard(cmd.spawn().context("starting fd serve")?);
@@ -76,8 +87,13 @@ impl Mirror {
 
 /// The manifest and layer digests of the debian-python test image.
 fn expected(imgs: &ImageCache) -> Result<(String, Vec<String>)> {
-    let digest = manifest_digest(&imgs.debian_python, ImageCache::DEBIAN_TAG)?;
-    let m = manifest(&imgs.debian_python, ImageCache::DEBIAN_TAG)?;
+    expected_of(&imgs.debian_python, ImageCache::DEBIAN_TAG)
+}
+
+/// The manifest digest, then the config and layer digests, of `tag` in an OCI layout.
+fn expected_of(layout: &Path, tag: &str) -> Result<(String, Vec<String>)> {
+    let digest = manifest_digest(layout, tag)?;
+    let m = manifest(layout, tag)?;
     let mut blobs = vec![
         m["config"]["digest"]
             .as_str()
@@ -97,13 +113,24 @@ fn skopeo_pull(
     dir: &Path,
     want: &(String, Vec<String>),
 ) -> Result<()> {
+    skopeo_pull_image(registry, mirror, IMAGE, dir, want)
+}
+
+/// `skopeo copy` of `image` from the mirror into an OCI layout; checks every digest.
+fn skopeo_pull_image(
+    registry: &Registry,
+    mirror: &str,
+    image: &str,
+    dir: &Path,
+    want: &(String, Vec<String>),
+) -> Result<()> {
     if let Some(parent) = dir.parent() {
         fs_err::create_dir_all(parent)?;
     }
     let out = registry
         .skopeo()
         .args(["copy", "--quiet", "--src-tls-verify=false"])
-        .arg(format!("docker://{mirror}/{IMAGE}"))
+        .arg(format!("docker://{mirror}/{image}"))
         .arg(format!("oci:{}:t", dir.display()))
         .output()?;
     ensure!(
@@ -389,5 +416,162 @@ fn eight_clients_at_once_fetch_each_blob_once_upstream() -> Result<()> {
         let n = relay.blob_gets(d);
         ensure!(n == 1, "the registry saw {n} GETs of {d}");
     }
+    Ok(())
+}
+
+/// A store in the team of `token`.
+fn team_member(token: &str) -> Result<FdEnv> {
+    let env = FdEnv::new()?;
+    let join = output(
+        fd_no_mdns(&env, &["team", "join", token]),
+        Duration::from_secs(30),
+    )?;
+    ensure!(join.status.success(), "team join: {}", text(&join));
+    Ok(env)
+}
+
+/// `fd serve` as peer node and mirror in one process, connected to the peer at `peer`, with
+/// the peer node's connection log on; returns once the mirror answers and, when `connect`,
+/// once the peer is connected.
+fn peer_mirror(env: &FdEnv, upstream: &str, peer: &str, connect: bool) -> Result<Mirror> {
+    let m = Mirror::start_logging(
+        env,
+        upstream,
+        &[
+            "--no-mdns",
+            "--peer",
+            peer,
+            "--listen",
+            "/ip4/127.0.0.1/udp/0/quic-v1",
+        ],
+        "info,fd_p2p::net=debug",
+    )?;
+    if connect {
+        wait_for(
+            "the connection to the peer",
+            Duration::from_secs(20),
+            || m.log().contains("connected"),
+        )
+        .with_context(|| format!("mirror log:\n{}", m.log()))?;
+    }
+    Ok(m)
+}
+
+#[test]
+fn a_mirror_beside_a_peer_node_takes_blobs_from_team_peers_first() -> Result<()> {
+    const NAME: &str = "busybox:latest";
+    let imgs = images()?;
+    let want = expected_of(&imgs.busybox, ImageCache::BUSYBOX_TAG)?;
+    let sizes: Vec<u64> = manifest(&imgs.busybox, ImageCache::BUSYBOX_TAG)?["layers"]
+        .as_array()
+        .context("layers")?
+        .iter()
+        .map(|l| l["size"].as_u64().unwrap_or(0))
+        .collect();
+    let smallest_layer = sizes.iter().copied().min().context("no layers")?;
+    let registry = Registry::start()?;
+    registry.push(&imgs.busybox, ImageCache::BUSYBOX_TAG, NAME)?;
+    // The mirrors reach the registry only through the relay, which counts what it sends.
+    let relay = Relay::start(&registry.addr(), None)?;
+
+    // Node A holds the image (pulled straight from the registry) and serves it to the team.
+    let a = FdEnv::new()?;
+    let init = output(fd_no_mdns(&a, &["team", "init"]), Duration::from_secs(30))?;
+    ensure!(init.status.success(), "team init: {}", text(&init));
+    let token = String::from_utf8_lossy(&init.stdout).trim().to_string();
+    let reference = format!("{}/{NAME}", registry.addr());
+    let pulled = output(
+        fd_no_mdns(&a, &["pull", &reference]),
+        Duration::from_secs(120),
+    )?;
+    ensure!(pulled.status.success(), "pull on A: {}", text(&pulled));
+    let mut node_a = spawn(fd_no_mdns(
+        &a,
+        &[
+            "serve",
+            "--no-mdns",
+            "--listen",
+            "/ip4/127.0.0.1/udp/0/quic-v1",
+        ],
+    ))?;
+    let a_addr = node_a.wait_word("listening on", Duration::from_secs(30))?;
+
+    // Node M: same team, empty store, peer node and mirror in one process.
+    let m_env = team_member(&token)?;
+    let m = peer_mirror(&m_env, relay.addr(), &a_addr, true)?;
+    let work = tempfile::tempdir()?;
+    skopeo_pull_image(&registry, &m.addr, NAME, &work.path().join("peers"), &want)
+        .with_context(|| format!("copy through M; mirror log:\n{}", m.log()))?;
+    let requests = relay.requests();
+    let blob_gets: Vec<&String> = requests
+        .iter()
+        .filter(|r| r.starts_with("GET ") && r.contains("/blobs/"))
+        .collect();
+    ensure!(
+        blob_gets.is_empty(),
+        "the registry sent blobs: {blob_gets:?}\nmirror log:\n{}",
+        m.log()
+    );
+    let down = relay.bytes_down();
+    eprintln!(
+        "the registry sent {down} bytes (manifests and HEADs); smallest layer {smallest_layer}"
+    );
+    ensure!(
+        down < smallest_layer,
+        "the registry sent {down} bytes, as much as a layer ({smallest_layer})"
+    );
+    // The access checks still went to the registry: one per blob.
+    for d in &want.1 {
+        let needle = format!("HEAD /v2/busybox/blobs/{d}");
+        ensure!(
+            requests.iter().any(|r| r.starts_with(&needle)),
+            "no access check for {d}: {requests:?}"
+        );
+    }
+    ensure!(
+        m.log().contains("blob stored from team peers"),
+        "mirror log:\n{}",
+        m.log()
+    );
+    // Kept like an upstream download: recorded and pinned in M's store.
+    let m_store = fd_node::Store::open(m_env.fd_home())?;
+    let pins = m_store.pinned_blobs()?;
+    for d in &want.1 {
+        ensure!(m_store.has_blob(d)?, "{d} not in M's store");
+        ensure!(pins.contains(d), "{d} not pinned in M's store");
+    }
+    drop(m_store);
+    drop(m);
+
+    // A goes away: a fresh mirror in the same team gets everything from the registry.
+    let status = node_a
+        .terminate(Duration::from_secs(10))
+        .context("stopping A")?;
+    ensure!(status.success(), "A exited with {status}");
+    let m2_env = team_member(&token)?;
+    let m2 = peer_mirror(&m2_env, relay.addr(), &a_addr, false)?;
+    skopeo_pull_image(
+        &registry,
+        &m2.addr,
+        NAME,
+        &work.path().join("upstream"),
+        &want,
+    )
+    .with_context(|| {
+        format!(
+            "copy through a fresh M with A gone; mirror log:\n{}",
+            m2.log()
+        )
+    })?;
+    for d in &want.1 {
+        let n = relay.blob_gets(d);
+        ensure!(n == 1, "the registry saw {n} GETs of {d} after A left");
+    }
+    // The peers were asked first and had nothing to give.
+    let log = m2.log();
+    ensure!(
+        log.contains("no team peer holds the blob") && !log.contains("blob stored from team peers"),
+        "mirror log:\n{log}"
+    );
     Ok(())
 }

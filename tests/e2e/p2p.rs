@@ -13,14 +13,16 @@
 //! lazily recorded image, once fully fetched, presents exactly A's tree.
 
 use std::collections::BTreeSet;
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use fd_node::{Store, load_file_index};
-use fd_tests::{FdEnv, ImageCache, Registry, images};
+// Commands in the root namespace never use mDNS: A's pull there must not find the nodes of
+// the namespaces.
+use fd_tests::fd_no_mdns as root_ns;
+use fd_tests::{FdEnv, ImageCache, Proc, Registry, images, output, spawn, text};
 use sha2::Digest;
 
 /// A LAN of namespaces; deleted (with their veths) when dropped.
@@ -118,49 +120,6 @@ impl Drop for Lan {
     }
 }
 
-/// A running process, killed by PID when dropped.
-struct Proc {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-}
-
-impl Proc {
-    /// Waits for a stdout line containing `needle`.
-    fn wait_line(&self, needle: &str, timeout: Duration) -> Result<String> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) if line.contains(needle) => return Ok(line),
-                Ok(_) => {}
-                Err(_) => bail!("no line with {needle:?} within {timeout:?}"),
-            }
-        }
-    }
-
-    /// Asks the process to stop (SIGTERM) and waits up to `timeout` for it.
-    fn terminate(&mut self, timeout: Duration) -> Result<std::process::ExitStatus> {
-        let pid = self.child.id() as libc::pid_t;
-        // SAFETY: kill with a PID of a child we own and have not reaped.
-        unsafe { libc::kill(pid, libc::SIGTERM) };
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(status) = self.child.try_wait()? {
-                return Ok(status);
-            }
-            ensure!(Instant::now() < deadline, "process {pid} ignored SIGTERM");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// `fd ARGS` in `env`, inside namespace `ns`.
 fn in_ns(ns: &str, env: &FdEnv, args: &[&str]) -> Command {
     let inner = env.cmd(args);
@@ -178,55 +137,6 @@ fn in_ns(ns: &str, env: &FdEnv, args: &[&str]) -> Command {
         c.current_dir(d);
     }
     c.stdin(Stdio::null());
-    c
-}
-
-fn spawn(mut cmd: Command) -> Result<Proc> {
-    cmd.stdout(Stdio::piped()).stderr(Stdio::inherit());
-    let mut child = cmd.spawn().context("starting fd")?;
-    let stdout = child.stdout.take().context("no stdout")?;
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(|l| l.ok()) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    Ok(Proc { child, lines: rx })
-}
-
-fn output(mut cmd: Command, timeout: Duration) -> Result<Output> {
-    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
-    let child = cmd.spawn().context("starting fd")?;
-    let pid = child.id() as libc::pid_t;
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(child.wait_with_output());
-    });
-    match rx.recv_timeout(timeout) {
-        Ok(out) => Ok(out?),
-        Err(_) => {
-            // SAFETY: signalling our own child, which has not been reaped (its waiter is stuck).
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-            bail!("fd did not finish within {timeout:?}")
-        }
-    }
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "status {}\nstdout:\n{}\nstderr:\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
-/// An env whose root-namespace commands never use mDNS.
-fn root_ns(env: &FdEnv, args: &[&str]) -> Command {
-    let mut c = env.cmd(args);
-    c.env("FD_MDNS", "0");
     c
 }
 
@@ -280,12 +190,12 @@ fn team_peers_pull_without_the_registry_and_outsiders_get_nothing() -> Result<()
     let registry_secs = started.elapsed().as_secs_f64();
     registry.stop();
 
-    let lan = Lan::new(3)?;
+    let lan = Lan::new(4)?;
     let share = spawn(in_ns(
         &lan.nodes[0],
         &a,
         &[
-            "share",
+            "serve",
             "--listen",
             &format!("/ip4/{}/udp/7700/quic-v1", lan.addr(0)),
         ],
@@ -326,36 +236,92 @@ fn team_peers_pull_without_the_registry_and_outsiders_get_nothing() -> Result<()
         Duration::from_secs(30),
     )?;
     let a_id = a_addr.rsplit('/').next().context("peer id")?;
+    let listing = String::from_utf8_lossy(&peers.stdout);
+    // A is asked live which images it holds, and B's pull measured A's throughput.
+    let a_line = listing
+        .lines()
+        .find(|l| l.contains(a_id))
+        .with_context(|| format!("fd peers on B: {}", text(&peers)))?;
     ensure!(
-        String::from_utf8_lossy(&peers.stdout).contains(a_id),
+        a_line.contains(&reference) && a_line.contains("/s"),
         "fd peers on B: {}",
         text(&peers)
     );
 
-    // C: another team, told A's address explicitly: gets nothing, so the pull fails.
+    // B serves too; C, in the same team, finds A and B by mDNS and its pull is spread over
+    // both of them.
+    let share_b = spawn(in_ns(
+        &lan.nodes[1],
+        &b,
+        &[
+            "serve",
+            "--listen",
+            &format!("/ip4/{}/udp/7700/quic-v1", lan.addr(1)),
+        ],
+    ))?;
+    let line = share_b.wait_line("listening on", Duration::from_secs(30))?;
+    let b_id = line
+        .rsplit('/')
+        .next()
+        .context("no peer id on the listening line")?
+        .trim()
+        .to_string();
+    let mut share_b = share_b;
+    let c = FdEnv::new()?;
+    let join = output(
+        in_ns(&lan.nodes[2], &c, &["team", "join", &token]),
+        Duration::from_secs(30),
+    )?;
+    ensure!(join.status.success(), "team join on C: {}", text(&join));
+    let b_addr = format!("/ip4/{}/udp/7700/quic-v1/p2p/{b_id}", lan.addr(1));
+    let pulled = output(
+        in_ns(
+            &lan.nodes[2],
+            &c,
+            &["pull", "--peer", &a_addr, "--peer", &b_addr, &reference],
+        ),
+        Duration::from_secs(300),
+    )?;
+    ensure!(pulled.status.success(), "pull on C: {}", text(&pulled));
+    let summary = String::from_utf8_lossy(&pulled.stderr);
+    ensure!(summary.contains("0 B from registry"), "summary: {summary}");
+    expect_same_image(&a, &reference, &c, &reference)?;
+    let book: serde_json::Value =
+        serde_json::from_slice(&fs_err::read(c.fd_home().join("peers.json"))?)?;
+    let from = |id: &str| book["peers"][id]["bytes_from"].as_u64().unwrap_or(0);
+    let (from_a, from_b) = (from(a_id), from(&b_id));
+    ensure!(
+        from_a > 0 && from_b > 0,
+        "C's pull should be spread over A and B: {from_a} B from A, {from_b} B from B"
+    );
+    eprintln!("C's pull: {from_a} B from A, {from_b} B from B");
+    let status = share_b.terminate(Duration::from_secs(10))?;
+    ensure!(status.success(), "fd serve on B exited with {status}");
+
+    // D: another team, told A's address explicitly: gets nothing, so the pull fails.
     let c = FdEnv::new()?;
     let other = output(
-        in_ns(&lan.nodes[2], &c, &["team", "init"]),
+        in_ns(&lan.nodes[3], &c, &["team", "init"]),
         Duration::from_secs(30),
     )?;
     ensure!(other.status.success(), "team init on C: {}", text(&other));
     let denied = output(
-        in_ns(&lan.nodes[2], &c, &["pull", "--peer", &a_addr, &reference]),
+        in_ns(&lan.nodes[3], &c, &["pull", "--peer", &a_addr, &reference]),
         Duration::from_secs(300),
     )?;
     ensure!(
         !denied.status.success(),
-        "C pulled from another team: {}",
+        "D pulled from another team: {}",
         text(&denied)
     );
     ensure!(
         Store::open(c.fd_home())?.images()?.is_empty(),
-        "C has an image"
+        "D has an image"
     );
 
     // A stops cleanly on SIGTERM.
     let status = share.terminate(Duration::from_secs(10))?;
-    ensure!(status.success(), "fd share exited with {status}");
+    ensure!(status.success(), "fd serve exited with {status}");
     Ok(())
 }
 
@@ -376,7 +342,7 @@ fn share_on_loopback(a: &FdEnv) -> Result<(Proc, String)> {
     let share = spawn(root_ns(
         a,
         &[
-            "share",
+            "serve",
             "--no-mdns",
             "--listen",
             "/ip4/127.0.0.1/udp/0/quic-v1",
@@ -701,7 +667,7 @@ fn cold_run_streams_from_a_team_peer_without_pulling() -> Result<()> {
         &lan.nodes[0],
         &a,
         &[
-            "share",
+            "serve",
             "--listen",
             &format!("/ip4/{}/udp/7700/quic-v1", lan.addr(0)),
         ],
@@ -917,6 +883,6 @@ fn cold_run_streams_from_a_team_peer_without_pulling() -> Result<()> {
     );
 
     let status = share.terminate(Duration::from_secs(10))?;
-    ensure!(status.success(), "fd share exited with {status}");
+    ensure!(status.success(), "fd serve exited with {status}");
     Ok(())
 }

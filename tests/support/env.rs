@@ -48,6 +48,14 @@ pub fn fd_bin() -> PathBuf {
     }
 }
 
+/// `fd ARGS` in `env` with mDNS off: tests name their peers, and a node must not find another
+/// test's nodes on the machine's own network.
+pub fn fd_no_mdns(env: &FdEnv, args: &[&str]) -> Command {
+    let mut c = env.cmd(args);
+    c.env("FD_MDNS", "0");
+    c
+}
+
 /// A private fd environment: a temporary directory with the store and a home directory.
 ///
 /// Layout of the temporary directory:

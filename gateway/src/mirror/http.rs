@@ -486,6 +486,25 @@ fn local_stream(
     futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|i| (i, rx)) })
 }
 
+/// The answer for a blob of `size` bytes that is in the store.
+fn serve_stored(
+    s: &Arc<State>,
+    digest: &str,
+    size: u64,
+    range: Option<&str>,
+    head: bool,
+) -> Response {
+    match blob_head(digest, size, range) {
+        Head::Send(r, _, _) if head => r,
+        Head::Send(r, start, end) => with_body(
+            r,
+            false,
+            local_stream(s.store.clone(), digest.to_string(), start, end),
+        ),
+        Head::Refuse(r) => r,
+    }
+}
+
 async fn blob(
     s: &Arc<State>,
     registry: &str,
@@ -504,20 +523,10 @@ async fn blob(
         {
             return refused(r, true);
         }
-        return match blob_head(digest, size, range) {
-            Head::Send(r, start, end) => with_body(
-                r,
-                head,
-                local_stream(s.store.clone(), digest.to_string(), start, end),
-            ),
-            Head::Refuse(r) => r,
-        };
+        return serve_stored(s, digest, size, range, head);
     }
-    // 2. Peers (not wired yet).
-    if s.ask_peers(digest).is_some() {
-        return unknown(true);
-    }
-    // 3. The upstream. A HEAD needs only the size, which the access check returns.
+    // A HEAD needs only the size, which the upstream's answer to the access check gives: no
+    // blob is fetched for it, from peers or upstream.
     if head {
         return match s.upstream.head(registry, &path, auth.as_ref()).await {
             Ok(Some(size)) => {
@@ -531,26 +540,28 @@ async fn blob(
             Err(e) => from_upstream(e, true),
         };
     }
-    // Whoever started a shared download, this client must pass its own check.
+    // Whatever the source, and whoever started a shared fetch, this client must pass its own
+    // check: peers save upstream bandwidth, they do not widen access.
     if let Err(r) = s
         .check_access(registry, name, digest, &path, auth.as_ref())
         .await
     {
         return refused(r, true);
     }
+    // 2. Team peers, into the store, then served from there.
+    if s.ask_peers(digest).await {
+        if let Some(size) = local_blob_size(s, digest).await {
+            return serve_stored(s, digest, size, range, false);
+        }
+        warn!(%digest, "peers reported the blob stored, but it is not complete; going upstream");
+    }
+    // 3. The upstream.
     let dl = match s.join_download(registry, name, digest, auth.clone()) {
         Ok(Joined::Download(dl)) => dl,
         // Finished between the two looks: serve it from the store.
         Ok(Joined::Stored) => {
             return match local_blob_size(s, digest).await {
-                Some(size) => match blob_head(digest, size, range) {
-                    Head::Send(r, start, end) => with_body(
-                        r,
-                        false,
-                        local_stream(s.store.clone(), digest.to_string(), start, end),
-                    ),
-                    Head::Refuse(r) => r,
-                },
+                Some(size) => serve_stored(s, digest, size, range, false),
                 None => unknown(true),
             };
         }

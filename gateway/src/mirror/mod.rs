@@ -5,7 +5,10 @@
 //! for. Content comes from, in order:
 //!
 //! 1. the local store (blobs kept as chunk recipes, read and verified chunk by chunk);
-//! 2. team peers — not yet: [`State::ask_peers`] is where they will be asked;
+//! 2. team peers, when the mirror runs next to a peer node ([`MirrorConfig::peers`]): the
+//!    blob is brought into the store from them (verified, recorded and pinned like an
+//!    upstream download) and served from there. One peer fetch per blob however many clients
+//!    ask at once; when no peer holds it, or the transfer fails, the upstream is used;
 //! 3. the upstream registry, chosen per request by containerd's `ns=` parameter or else the
 //!    configured default. One download per blob however many clients ask at once (see
 //!    [`download`]); the bytes stream to every client as they arrive and are stored and
@@ -15,7 +18,8 @@
 //! stored as a blob), so while the upstream is down a warm mirror keeps answering with the
 //! last digest it saw.
 //!
-//! Access: content is served only to a client that could pull it from the upstream itself.
+//! Access: content is served only to a client that could pull it from the upstream itself,
+//! wherever the bytes come from (peers save upstream bandwidth; they do not widen access).
 //! Each (repository, digest, credentials) is checked upstream with the client's own
 //! `Authorization` header (a HEAD; answers are remembered for a few minutes), and a refusal
 //! is passed back with the upstream's challenge so the client can log in upstream and retry.
@@ -36,6 +40,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use fd_node::Store;
+use futures::FutureExt;
+use futures::future::{BoxFuture, Shared};
 use reqwest::header::HeaderValue;
 use tracing::{debug, warn};
 
@@ -60,8 +66,17 @@ pub enum MirrorError {
     },
 }
 
+/// Team peers as a source of blobs. The mirror asks only after the client passed the access
+/// check, and only for blobs the store lacks.
+pub trait PeerBlobs: Send + Sync {
+    /// Brings blob `digest` (`sha256:…`) into the store from peers: checked against the
+    /// digest, recorded and pinned. True when the blob is now stored (also when it already
+    /// was); false when no peer could give it. Failures are the implementation's to log.
+    fn fetch_blob<'a>(&'a self, digest: &'a str) -> BoxFuture<'a, bool>;
+}
+
 /// What the mirror does.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct MirrorConfig {
     /// Upstream (`host[:port]`) for requests without `ns=`. Without it such requests get 404.
     pub default_upstream: Option<String>,
@@ -72,6 +87,8 @@ pub struct MirrorConfig {
     pub insecure_registries: Vec<String>,
     /// How long a connection to an upstream may take before it counts as down.
     pub connect_timeout: Duration,
+    /// Team peers to ask for a blob before the upstream; None: the upstream only.
+    pub peers: Option<Arc<dyn PeerBlobs>>,
 }
 
 impl Default for MirrorConfig {
@@ -81,7 +98,20 @@ impl Default for MirrorConfig {
             allowed_upstreams: Vec::new(),
             insecure_registries: Vec::new(),
             connect_timeout: Duration::from_secs(2),
+            peers: None,
         }
+    }
+}
+
+impl std::fmt::Debug for MirrorConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MirrorConfig")
+            .field("default_upstream", &self.default_upstream)
+            .field("allowed_upstreams", &self.allowed_upstreams)
+            .field("insecure_registries", &self.insecure_registries)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("peers", &self.peers.is_some())
+            .finish()
     }
 }
 
@@ -94,12 +124,17 @@ pub struct Mirror {
 /// Key of a remembered access check: registry, repository, digest, credentials.
 type AccessKey = (String, String, String, Option<String>);
 
+/// A peer fetch in flight, awaited by every request for its blob.
+type PeerAsk = Shared<BoxFuture<'static, bool>>;
+
 pub(crate) struct State {
     store: Arc<Store>,
     upstream: Upstream,
     config: MirrorConfig,
     /// Downloads in flight, by digest.
     downloads: Mutex<HashMap<String, Arc<Download>>>,
+    /// Peer fetches in flight, by digest.
+    peer_asks: Mutex<HashMap<String, PeerAsk>>,
     /// Access checks that passed, until when they are trusted.
     access: Mutex<HashMap<AccessKey, Instant>>,
     /// `registry/repository@digest` that passed a check without credentials; kept on disk so
@@ -131,6 +166,7 @@ impl Mirror {
                 upstream,
                 config,
                 downloads: Mutex::new(HashMap::new()),
+                peer_asks: Mutex::new(HashMap::new()),
                 access: Mutex::new(HashMap::new()),
                 public: Mutex::new(public),
                 dir,
@@ -185,10 +221,45 @@ impl State {
         }
     }
 
-    /// Where peers will be asked for a blob before the upstream. No peer network is wired
-    /// into the mirror yet, so nothing comes from here.
-    fn ask_peers(&self, _digest: &str) -> Option<()> {
-        None
+    /// Asks team peers to bring `digest` into the store; true when it is stored now. Every
+    /// request for the blob meanwhile waits on the same fetch, which runs as a task of its
+    /// own so that a client hanging up does not cut it short for the others.
+    pub(crate) async fn ask_peers(self: &Arc<Self>, digest: &str) -> bool {
+        let Some(peers) = self.config.peers.clone() else {
+            return false;
+        };
+        let ask = {
+            let mut asks = self.peer_asks.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(ask) = asks.get(digest) {
+                ask.clone()
+            } else {
+                // An upstream download already under way is joined instead: it got there
+                // first because peers lacked the blob a moment ago.
+                let downloading = self
+                    .downloads
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .contains_key(digest);
+                if downloading {
+                    return false;
+                }
+                let state = self.clone();
+                let key = digest.to_string();
+                let task = tokio::spawn(async move {
+                    let stored = peers.fetch_blob(&key).await;
+                    state
+                        .peer_asks
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(&key);
+                    stored
+                });
+                let ask: PeerAsk = task.map(|r| r.unwrap_or(false)).boxed().shared();
+                asks.insert(digest.to_string(), ask.clone());
+                ask
+            }
+        };
+        ask.await
     }
 
     /// Whether the client with `auth` may read `digest` of `registry/name`. `path` is what to
