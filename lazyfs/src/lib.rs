@@ -10,6 +10,9 @@
 //!   [`Fetcher`](fd_node::fetch::Fetcher) (the fetch policy itself lives in `fd-node`);
 //! - prefetch profiles ([`profile`]): the order in which a mount first read its files, saved at
 //!   unmount and replayed in the background at the next mount;
+//! - whole-file read-ahead: the first read of a file that has to fetch queues the rest of that
+//!   file for a few background threads, so reading a file costs about one round trip to a
+//!   distant source rather than one per chunk;
 //! - the mount life cycle ([`mount()`], [`Mounted`]) and mount records ([`records`]) that let
 //!   any fd process unmount a mount and clean up after a killed one
 //!   ([`clean_stale_mounts`]).
