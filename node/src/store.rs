@@ -245,23 +245,28 @@ impl Store {
 
     /// Reads a chunk and checks it against its id.
     pub fn read_chunk(&self, id: &ChunkId) -> Result<Vec<u8>> {
-        let path = self.chunk_path(id);
-        let data = match std::fs::read(&path) {
-            Ok(d) => d,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(NodeError::Missing {
-                    what: format!("chunk {}", id.short()),
-                });
-            }
-            Err(e) => return Err(fs_err_wrap(e, &path)),
-        };
+        let data = self.read_chunk_unchecked(id)?;
         if ChunkId::of(&data) != *id {
             return Err(NodeError::CorruptChunk {
                 id: id.to_hex(),
-                path,
+                path: self.chunk_path(id),
             });
         }
         Ok(data)
+    }
+
+    /// Reads a chunk file without checking it: for a caller that hashes the bytes anyway and
+    /// compares the result with `id` itself (serving a peer computes the chunk's bao tree,
+    /// whose root is the id), so the bytes are hashed once rather than twice.
+    pub fn read_chunk_unchecked(&self, id: &ChunkId) -> Result<Vec<u8>> {
+        let path = self.chunk_path(id);
+        match std::fs::read(&path) {
+            Ok(d) => Ok(d),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(NodeError::Missing {
+                what: format!("chunk {}", id.short()),
+            }),
+            Err(e) => Err(fs_err_wrap(e, &path)),
+        }
     }
 
     /// Makes every file written so far durable (one `syncfs` for the whole store).

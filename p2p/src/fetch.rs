@@ -223,6 +223,8 @@ struct Batch {
     first: usize,
     /// The chunks' bytes, filled as verified answers arrive (or from the store).
     data: Vec<Option<Vec<u8>>>,
+    /// Whether the store was asked for its chunks yet ([`load`]).
+    loaded: bool,
     /// Peers that lacked part of it, failed it or stayed busy: not asked for it again.
     tried: HashSet<PeerId>,
     /// Peers asked for it right now (two while hedged).
@@ -281,8 +283,10 @@ impl BatchTime {
     }
 }
 
-/// Splits `recipe` into batches bounded in count and bytes, filling what the store has.
-fn plan(store: &Store, recipe: &[([u8; 32], u32)]) -> Vec<Batch> {
+/// Splits `recipe` into batches bounded in count and bytes. Nothing is read yet: a batch takes
+/// what the store has when it comes within the window ([`load`]), so a blob that is mostly
+/// stored is never held in memory whole.
+fn plan(recipe: &[([u8; 32], u32)]) -> Vec<Batch> {
     let mut batches = Vec::new();
     let mut i = 0;
     while i < recipe.len() {
@@ -292,20 +296,10 @@ fn plan(store: &Store, recipe: &[([u8; 32], u32)]) -> Vec<Batch> {
             bytes += u64::from(recipe[end].1);
             end += 1;
         }
-        let data = recipe[i..end]
-            .iter()
-            .map(|(id, len)| {
-                let id = ChunkId(*id);
-                if store.has_chunk(&id, *len) {
-                    store.read_chunk(&id).ok()
-                } else {
-                    None
-                }
-            })
-            .collect();
         batches.push(Batch {
             first: i,
-            data,
+            data: vec![None; end - i],
+            loaded: false,
             tried: HashSet::new(),
             running: Vec::new(),
             since: None,
@@ -314,6 +308,20 @@ fn plan(store: &Store, recipe: &[([u8; 32], u32)]) -> Vec<Batch> {
         i = end;
     }
     batches
+}
+
+/// Fills `batch` with the chunks the store already has, once.
+fn load(store: &Store, recipe: &[([u8; 32], u32)], batch: &mut Batch) {
+    if std::mem::replace(&mut batch.loaded, true) {
+        return;
+    }
+    for (k, slot) in batch.data.iter_mut().enumerate() {
+        let (id, len) = recipe[batch.first + k];
+        let id = ChunkId(id);
+        if slot.is_none() && store.has_chunk(&id, len) {
+            *slot = store.read_chunk(&id).ok();
+        }
+    }
 }
 
 /// The best peer to ask for `batch` now: holders before peers still fetching, then fewest
@@ -364,7 +372,7 @@ pub async fn gather_from(
     out: &mut (dyn Write + Send),
     progress: &(dyn Fn(u64) + Send + Sync),
 ) -> Result<(u64, u64)> {
-    let mut batches = plan(store, recipe);
+    let mut batches = plan(recipe);
     let mut peers: HashMap<PeerId, PeerState> = HashMap::new();
     let mut requests = FuturesUnordered::new();
     let mut batch_time = BatchTime(None);
@@ -372,7 +380,10 @@ pub async fn gather_from(
 
     loop {
         // Write the finished prefix, in order, and free it.
-        while cursor < batches.len() && batches[cursor].done() {
+        while cursor < batches.len() && {
+            load(store, recipe, &mut batches[cursor]);
+            batches[cursor].done()
+        } {
             for data in batches[cursor].data.iter_mut() {
                 if let Some(data) = data.take() {
                     out.write_all(&data)?;
@@ -399,6 +410,7 @@ pub async fn gather_from(
         let hedge_after = batch_time.hedge_after();
         let limit = (cursor + WINDOW_BATCHES).min(batches.len());
         for (index, batch) in batches.iter_mut().enumerate().take(limit).skip(cursor) {
+            load(store, recipe, batch);
             if batch.done() {
                 continue;
             }

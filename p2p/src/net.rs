@@ -968,13 +968,13 @@ fn answer(store: &Store, req: Request) -> Response {
                     .take(MAX_CHUNKS_PER_REQUEST)
                     .map(|w| ChunkAnswer {
                         want: w.clone(),
-                        // read_chunk re-checks the bytes against the id: a damaged chunk file
-                        // is reported as not held rather than served.
+                        // The bao tree's root must be the id: a damaged chunk file is reported
+                        // as not held rather than served, with the bytes hashed only once.
                         encoded: store
-                            .read_chunk(&ChunkId(w.id))
+                            .read_chunk_unchecked(&ChunkId(w.id))
                             .ok()
-                            .filter(|d| d.len() as u64 == u64::from(w.len))
-                            .map(|d| proto::WireBytes(proto::encode_answer(&d, w))),
+                            .and_then(|d| proto::encode_checked_answer(&d, w))
+                            .map(proto::WireBytes),
                     })
                     .collect(),
             ),

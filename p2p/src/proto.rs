@@ -466,6 +466,17 @@ pub fn encode_answer(data: &[u8], want: &ChunkWant) -> Vec<u8> {
     fd_chunker::encode_range(data, &ob, want.byte_range())
 }
 
+/// Like [`encode_answer`] for bytes read without a check: the bao tree's root is the chunk's
+/// id, so building the tree checks the bytes too. `None` when they are not the chunk asked
+/// for (a damaged chunk file), or not of its length.
+pub fn encode_checked_answer(data: &[u8], want: &ChunkWant) -> Option<Vec<u8>> {
+    if data.len() as u64 != u64::from(want.len) {
+        return None;
+    }
+    let ob = fd_chunker::outboard(data);
+    (ob.root().0 == want.id).then(|| fd_chunker::encode_range(data, &ob, want.byte_range()))
+}
+
 /// Verifies a chunk answer 16 KiB group by group, returning the proven bytes of the range.
 /// The first bad group ends the answer with an error.
 pub fn verify_answer(want: &ChunkWant, encoded: &[u8]) -> Result<Vec<u8>, fd_chunker::VerifyError> {
@@ -705,6 +716,12 @@ mod tests {
         let at = tampered.len() - 5_000;
         tampered[at] ^= 0x40;
         assert!(verify_answer(&whole, &tampered).is_err());
+        // Serving from unchecked bytes: the tree's root is the check.
+        assert_eq!(encode_checked_answer(&data, &whole), Some(enc.clone()));
+        let mut damaged = data.clone();
+        damaged[123] ^= 1;
+        assert_eq!(encode_checked_answer(&damaged, &whole), None);
+        assert_eq!(encode_checked_answer(&data[1..], &whole), None);
         // A truncated answer fails too.
         assert!(verify_answer(&whole, &enc[..enc.len() - 1]).is_err());
         // Bytes of another chunk under this id fail at once.
